@@ -166,14 +166,16 @@ impl Timestamp {
 }
 
 /// A gateway node's identifier, as written in its configuration (`node_id = "gw1"`).
+///
+/// Shared rather than copied: records and audit events clone it on every transition.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct NodeId(String);
+pub struct NodeId(std::sync::Arc<str>);
 
 impl NodeId {
     /// Wraps a node name.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self(name.into())
+    pub fn new(name: impl AsRef<str>) -> Self {
+        Self(std::sync::Arc::from(name.as_ref()))
     }
 
     /// The node's name.

@@ -164,6 +164,10 @@ pub struct Context<'a> {
 }
 
 /// The result of [`apply`].
+///
+/// Not boxed: an outcome is matched right away, and moving a record costs less than the
+/// allocation a box would add to every transition.
+#[allow(clippy::large_enum_variant)]
 #[must_use = "an outcome must be committed or reported"]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -608,7 +612,10 @@ fn reattach(
         ));
         return Outcome::Reject(rejection);
     }
-    if let Some(last) = record.timestamps.last_switch {
+    // The cooldown keeps a client from flapping between live transports. A session without a
+    // binding (RECOVERING, e.g. right after a migration) has nothing to flap from: refusing it
+    // would only prolong the outage, and the per-minute bound above still applies.
+    if let (Some(last), Some(_)) = (record.timestamps.last_switch, record.binding) {
         if ctx.now.since(last) < p.switch_cooldown_ms {
             return reject(record, event, ctx, ReasonCode::RateLimited, true, None);
         }
@@ -839,10 +846,10 @@ impl<'r, 'c> Draft<'r, 'c> {
                 transport_id: self.rec.binding.map(|b| b.transport_id),
             },
         );
-        let mut events = self.before;
-        events.reserve(self.events.len() + 2);
-        events.push(change);
-        events.append(&mut self.events);
+        // Refusals of the old version first, then the STATE_CHANGE, then what describes it.
+        let mut events = self.events;
+        events.reserve(self.before.len() + 2);
+        events.splice(0..0, self.before.into_iter().chain(std::iter::once(change)));
         if self.rec.state == SessionState::Terminated {
             let lifetime = self.ctx.now.since(self.rec.timestamps.created);
             let total_switches = self.rec.switches.total();

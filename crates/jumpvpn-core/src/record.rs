@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -142,9 +143,16 @@ impl Candidate {
 }
 
 /// The session master secret, sealed (AEAD) under the gateway's key-encryption key. Opaque to
-/// the core; its `Debug` shows only its length.
+/// the core; its `Debug` shows only its length. Immutable, so shared between record versions.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SealedSecret(pub Vec<u8>);
+pub struct SealedSecret(pub Arc<[u8]>);
+
+impl SealedSecret {
+    /// Wraps sealed bytes.
+    pub fn new(sealed: impl Into<Arc<[u8]>>) -> Self {
+        Self(sealed.into())
+    }
+}
 
 impl fmt::Debug for SealedSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -168,10 +176,11 @@ pub struct Timestamps {
 }
 
 /// The anti-flap memory: the times of the most recent accepted switches, at most
-/// `max_switches_per_min` of them (so the record's size is bounded by the policy).
+/// `max_switches_per_min` of them (so the record's size is bounded by the policy). Rebuilt on
+/// each switch and shared otherwise, so other transitions copy no list.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchHistory {
-    recent: Vec<Timestamp>,
+    recent: Arc<[Timestamp]>,
     total: u64,
 }
 
@@ -194,11 +203,19 @@ impl SwitchHistory {
     /// Records a switch at `now`, keeping at most `cap` recent times.
     pub(crate) fn record(&mut self, now: Timestamp, cap: u32) {
         let cap = usize::try_from(cap.max(1)).unwrap_or(usize::MAX);
-        self.recent.retain(|t| now.since(*t) < 60_000);
-        while self.recent.len() >= cap {
-            self.recent.remove(0);
-        }
-        self.recent.push(now);
+        let live: Vec<Timestamp> = self
+            .recent
+            .iter()
+            .copied()
+            .filter(|t| now.since(*t) < 60_000)
+            .collect();
+        let keep = live.len().min(cap - 1);
+        let skip = live.len() - keep;
+        self.recent = live
+            .into_iter()
+            .skip(skip)
+            .chain(std::iter::once(now))
+            .collect();
         self.total = self.total.saturating_add(1);
     }
 }

@@ -25,7 +25,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 
 use serde::de::IgnoredAny;
@@ -38,6 +38,11 @@ use crate::record::SessionState;
 /// How many out-of-order `STATE_CHANGE`s one session may hold before the oldest missing
 /// version is declared lost (bounds memory when a version never arrives).
 const MAX_PENDING_PER_SESSION: usize = 1024;
+
+/// How many of a session's most recent epoch changes are remembered, to match a
+/// `SESSION_OWNER_TRANSFERRED` that is read after later versions were applied (a lagging clock
+/// on its node). Bounds memory when a stream changes epochs without end.
+const EPOCH_HISTORY: usize = 64;
 
 /// Which rule a violation breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -249,8 +254,10 @@ struct Track {
     binding: Option<Option<u64>>,
     /// The node that commits in the current epoch, once known.
     epoch_owner: Option<u32>,
-    /// The version at which the epoch last changed.
-    epoch_changed_at: u64,
+    /// The versions at which the epoch changed, oldest first, at most `EPOCH_HISTORY`.
+    epoch_changes: VecDeque<u64>,
+    /// Whether older entries of `epoch_changes` were forgotten.
+    epoch_history_truncated: bool,
     created: bool,
     /// The version at which the session terminated.
     terminated_at: Option<u64>,
@@ -461,7 +468,7 @@ impl Checker {
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         ids.sort_unstable();
         for session in ids {
-            while let Some(first) = self.sessions.get(&session).and_then(|t| first_pending(t)) {
+            while let Some(first) = self.sessions.get(&session).and_then(first_pending) {
                 self.skip_to(session, first);
             }
             let deferred = self
@@ -622,20 +629,59 @@ impl Checker {
         }
     }
 
+    /// Checks a `SESSION_OWNER_TRANSFERRED` at a version that has been applied (or skipped).
+    /// Later versions may have been applied first (its node's clock lags), so it is matched
+    /// against the session's recent epoch changes, not only the last one.
     fn check_transfer(&mut self, session: SessionId, version: u64, loc: Loc) {
-        let bumped = self
-            .sessions
-            .get(&session)
-            .is_some_and(|t| t.epoch_changed_at == version);
-        if !bumped {
-            let msg = format!("owner transferred at version {version} without an epoch change");
-            self.report(loc, Some(session), Some(version), Invariant::Ownership, msg);
+        let Some(track) = self.sessions.get(&session) else {
+            return;
+        };
+        if track.epoch_changes.contains(&version) {
+            return;
         }
+        // Too old to tell: its epoch change, if any, has been forgotten.
+        let forgotten = track.epoch_history_truncated
+            && track
+                .epoch_changes
+                .front()
+                .is_none_or(|oldest| version < *oldest);
+        if forgotten {
+            return;
+        }
+        let lost = self
+            .missing
+            .iter()
+            .any(|m| m.session == session && (m.from..=m.to).contains(&version));
+        if lost {
+            // Its STATE_CHANGE was never seen: `finish` reports it unless an AUDIT_GAP
+            // accounts for it.
+            if let Some(track) = self.sessions.get_mut(&session) {
+                track.deferred.push(Deferred {
+                    kind: DeferredKind::Transfer,
+                    version,
+                    loc,
+                });
+            }
+            return;
+        }
+        let msg = format!("owner transferred at version {version} without an epoch change");
+        self.report(loc, Some(session), Some(version), Invariant::Ownership, msg);
     }
 
     fn state_change(&mut self, session: SessionId, event: Event, loc: Loc) {
         let track = self.track(session);
         let v = event.version;
+        if v == 0 {
+            let msg = "STATE_CHANGE at version 0 (BIRTH is never committed; versions start at 1)";
+            self.report(
+                loc,
+                Some(session),
+                Some(v),
+                Invariant::Versions,
+                msg.to_owned(),
+            );
+            return;
+        }
         if v < track.next {
             let msg = format!("version {v} committed twice (fork: dual-active)");
             self.report(loc, Some(session), Some(v), Invariant::Versions, msg);
@@ -718,7 +764,9 @@ impl Checker {
             ));
         }
 
-        // 2 and 3: epochs.
+        // 2 and 3: epochs. Across versions lost to a gap the epoch may have changed in the
+        // versions not seen (the gap itself is reported unless an AUDIT_GAP accounts for it), so
+        // only a decrease can be judged there.
         let epoch_changed = !first && e.epoch != track.epoch;
         if !first && e.epoch < track.epoch {
             found.push((
@@ -726,6 +774,7 @@ impl Checker {
                 format!("owner_epoch decreased from {} to {}", track.epoch, e.epoch),
             ));
         } else if epoch_changed
+            && !track.after_gap
             && (e.epoch != track.epoch.saturating_add(1) || !e.reason.is_ownership_transfer())
         {
             found.push((
@@ -739,8 +788,14 @@ impl Checker {
         }
 
         // 1: one committing node per epoch.
+        if epoch_changed {
+            if track.epoch_changes.len() >= EPOCH_HISTORY {
+                track.epoch_changes.pop_front();
+                track.epoch_history_truncated = true;
+            }
+            track.epoch_changes.push_back(v);
+        }
         if first || epoch_changed {
-            track.epoch_changed_at = v;
             track.epoch_owner = first.then_some(e.node);
         } else if new_state != SessionState::Terminated {
             match track.epoch_owner {
@@ -812,8 +867,11 @@ impl Checker {
             if !new_state.has_binding() && binding.is_some() {
                 found.push((Invariant::Bindings, format!("{new_state} with a binding")));
             }
+            // A binding kept from the version before; unknown after a gap, in which a switch
+            // may have been lost.
             let kept = matches!(new_state, SessionState::Volatile | SessionState::Degraded)
-                && prev.has_binding();
+                && prev.has_binding()
+                && !track.after_gap;
             if let (true, Some(Some(before)), Some(after)) = (kept, track.binding, binding) {
                 if before != after {
                     found.push((
@@ -838,10 +896,15 @@ impl Checker {
             track.deferred = later;
             now
         };
+        // A change after the end is reported above; recording it as a second termination too
+        // would report the same line twice.
+        let ended_before = found
+            .iter()
+            .any(|(invariant, _)| *invariant == Invariant::Termination);
         for (invariant, message) in found {
             self.report(loc, Some(session), Some(v), invariant, message);
         }
-        if new_state == SessionState::Terminated {
+        if new_state == SessionState::Terminated && !ended_before {
             self.terminated(session, v, loc);
         }
         for d in deferred {

@@ -19,7 +19,11 @@ pub fn gw(name: &str) -> NodeId {
 pub fn candidate(id: u64) -> Candidate {
     Candidate {
         transport_id: TransportId(id),
-        proto: if id % 2 == 0 { Proto::Tcp } else { Proto::Udp },
+        proto: if id.is_multiple_of(2) {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        },
         client_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 40_000),
         gateway_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 51_820),
     }
@@ -33,7 +37,7 @@ pub fn birth(id: u128, owner: &NodeId, policy: Policy, now: Timestamp) -> Sessio
             client_key: [7; 32],
             tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
             policy,
-            secrets: SealedSecret(vec![0xAA; 48]),
+            secrets: SealedSecret::new(vec![0xAA; 48]),
         },
         now,
     )
