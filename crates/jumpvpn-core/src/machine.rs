@@ -256,13 +256,13 @@ pub fn apply(record: &SessionRecord, event: &SessionEvent, ctx: &Context<'_>) ->
             draft.push_refusal_of(event, refusal);
         }
         draft.terminate(expired.reason);
-        if let Some(policy_name) = expired.policy_name {
+        if let Some((policy_name, threshold, observed)) = expired.policy {
             draft.push(
                 ReasonCode::PolicyTermination,
                 EventKind::PolicyEvent {
                     policy_name: Cow::Borrowed(policy_name),
-                    threshold_value: expired.threshold,
-                    observed_value: expired.observed,
+                    threshold_value: threshold,
+                    observed_value: observed,
                 },
             );
         }
@@ -443,80 +443,87 @@ pub fn apply(record: &SessionRecord, event: &SessionEvent, ctx: &Context<'_>) ->
 /// The earliest time at which [`apply`]ing [`SessionEvent::Timeout`] can change `record`, so a
 /// driver can arm a single timer. `None` when no deadline is pending (BIRTH, TERMINATED).
 pub fn next_deadline(record: &SessionRecord) -> Option<Timestamp> {
+    deadlines(record)
+        .into_iter()
+        .flatten()
+        .map(|(at, _)| at)
+        .min()
+}
+
+/// A deadline of the record, and what passing it means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    SessionTtl,
+    TransportLoss,
+    RecoveryWindow,
+    /// VOLATILE → DEGRADED, or DEGRADED → TERMINATED.
+    DegradedBound,
+}
+
+/// The record's pending deadlines, in priority order.
+fn deadlines(record: &SessionRecord) -> [Option<(Timestamp, Deadline)>; 4] {
     if matches!(record.state, SessionState::Birth | SessionState::Terminated) {
-        return None;
+        return [None; 4];
     }
     let p = &record.policy;
     let t = &record.timestamps;
-    let candidates = [
-        Some(record.expires_at()),
+    let degrading = matches!(
+        record.state,
+        SessionState::Volatile | SessionState::Degraded
+    );
+    [
+        Some((record.expires_at(), Deadline::SessionTtl)),
         t.transport_lost
-            .map(|lost| lost.plus(p.transport_loss_ttl_ms)),
-        t.recovering_since
-            .map(|since| since.plus(p.max_recovery_window_ms)),
-        matches!(
-            record.state,
-            SessionState::Volatile | SessionState::Degraded
-        )
-        .then(|| t.state_changed.plus(p.degraded_after_ms)),
-    ];
-    candidates.into_iter().flatten().min()
+            .map(|lost| (lost.plus(p.transport_loss_ttl_ms), Deadline::TransportLoss)),
+        t.recovering_since.map(|since| {
+            (
+                since.plus(p.max_recovery_window_ms),
+                Deadline::RecoveryWindow,
+            )
+        }),
+        degrading.then(|| {
+            (
+                t.state_changed.plus(p.degraded_after_ms),
+                Deadline::DegradedBound,
+            )
+        }),
+    ]
 }
 
 /// A deadline that ends the session, with what to report.
 struct Expiry {
     reason: ReasonCode,
-    policy_name: Option<&'static str>,
-    threshold: u64,
-    observed: u64,
+    /// The policy knob and the observed duration, for a `POLICY_EVENT`.
+    policy: Option<(&'static str, u64, u64)>,
 }
 
 /// The terminal deadline that has passed at `now`, by priority: session lifetime, transport
-/// loss, recovery window, then the degraded bound.
+/// loss, recovery window, then the degraded bound (terminal only when already DEGRADED).
 fn passed_terminal_deadline(record: &SessionRecord, now: Timestamp) -> Option<Expiry> {
-    if record.state == SessionState::Birth {
-        return None;
-    }
-    let p = &record.policy;
-    let t = &record.timestamps;
-    if now >= record.expires_at() {
-        return Some(Expiry {
-            reason: ReasonCode::TtlSessionExpired,
-            policy_name: None,
-            threshold: 0,
-            observed: 0,
-        });
-    }
-    if let Some(lost) = t.transport_lost {
-        if now.since(lost) >= p.transport_loss_ttl_ms {
+    let (_, passed) = deadlines(record)
+        .into_iter()
+        .flatten()
+        .find(|(at, which)| {
+            now >= *at
+                && (*which != Deadline::DegradedBound || record.state == SessionState::Degraded)
+        })?;
+    let reason = match passed {
+        Deadline::SessionTtl => ReasonCode::TtlSessionExpired,
+        Deadline::TransportLoss => ReasonCode::TtlTransportLossExpired,
+        Deadline::RecoveryWindow => ReasonCode::RecoveryBoundsExceeded,
+        Deadline::DegradedBound => {
+            let bound = record.policy.degraded_after_ms;
+            let observed = now.since(record.timestamps.state_changed);
             return Some(Expiry {
-                reason: ReasonCode::TtlTransportLossExpired,
-                policy_name: None,
-                threshold: 0,
-                observed: 0,
+                reason: ReasonCode::PolicyTermination,
+                policy: Some(("degraded_after_ms", bound, observed)),
             });
         }
-    }
-    if let Some(since) = t.recovering_since {
-        if now.since(since) >= p.max_recovery_window_ms {
-            return Some(Expiry {
-                reason: ReasonCode::RecoveryBoundsExceeded,
-                policy_name: None,
-                threshold: 0,
-                observed: 0,
-            });
-        }
-    }
-    let degraded_for = now.since(t.state_changed);
-    if record.state == SessionState::Degraded && degraded_for >= p.degraded_after_ms {
-        return Some(Expiry {
-            reason: ReasonCode::PolicyTermination,
-            policy_name: Some("degraded_after_ms"),
-            threshold: p.degraded_after_ms,
-            observed: degraded_for,
-        });
-    }
-    None
+    };
+    Some(Expiry {
+        reason,
+        policy: None,
+    })
 }
 
 /// VOLATILE for longer than the bound: DEGRADED. (DEGRADED past it again is terminal and
