@@ -855,8 +855,10 @@ impl<'r, 'c> Draft<'r, 'c> {
         );
         // Refusals of the old version first, then the STATE_CHANGE, then what describes it.
         let mut events = self.events;
-        events.reserve(self.before.len() + 2);
-        events.splice(0..0, self.before.into_iter().chain(std::iter::once(change)));
+        events.insert(0, change);
+        if !self.before.is_empty() {
+            events.splice(0..0, self.before);
+        }
         if self.rec.state == SessionState::Terminated {
             let lifetime = self.ctx.now.since(self.rec.timestamps.created);
             let total_switches = self.rec.switches.total();

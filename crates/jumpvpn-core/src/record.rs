@@ -201,21 +201,20 @@ impl SwitchHistory {
     }
 
     /// Records a switch at `now`, keeping at most `cap` recent times.
+    ///
+    /// Times are appended in order, so the ones still inside the minute form a suffix; should
+    /// the clock step back, an older time may be kept longer, which only makes the bound
+    /// stricter. One allocation: the new list is built at its final size.
     pub(crate) fn record(&mut self, now: Timestamp, cap: u32) {
         let cap = usize::try_from(cap.max(1)).unwrap_or(usize::MAX);
-        let live: Vec<Timestamp> = self
+        let live = self
             .recent
             .iter()
-            .copied()
-            .filter(|t| now.since(*t) < 60_000)
-            .collect();
-        let keep = live.len().min(cap - 1);
-        let skip = live.len() - keep;
-        self.recent = live
-            .into_iter()
-            .skip(skip)
-            .chain(std::iter::once(now))
-            .collect();
+            .position(|t| now.since(*t) < 60_000)
+            .unwrap_or(self.recent.len());
+        let keep_from = live.max(self.recent.len().saturating_sub(cap - 1));
+        let kept = self.recent.get(keep_from..).unwrap_or_default();
+        self.recent = kept.iter().copied().chain(std::iter::once(now)).collect();
         self.total = self.total.saturating_add(1);
     }
 }
@@ -255,8 +254,8 @@ pub struct SessionRecord {
     pub client_key: [u8; 32],
     /// The client's address inside the tunnel.
     pub tunnel_ip: IpAddr,
-    /// The policy in force for this session.
-    pub policy: Policy,
+    /// The policy in force for this session: a snapshot, immutable, so shared between versions.
+    pub policy: Arc<Policy>,
     /// Times of the session's life.
     pub timestamps: Timestamps,
     /// Anti-flap memory.
@@ -302,7 +301,7 @@ impl SessionRecord {
             last_transport_id: None,
             client_key: new.client_key,
             tunnel_ip: new.tunnel_ip,
-            policy: new.policy,
+            policy: Arc::new(new.policy),
             timestamps: Timestamps {
                 created: now,
                 state_changed: now,

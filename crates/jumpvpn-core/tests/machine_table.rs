@@ -341,7 +341,8 @@ fn deadlines_end_the_session_with_their_own_reason() {
 
     // With a recovery window longer than the transport-loss TTL, the TTL ends it first.
     let mut long_window = recovering.clone();
-    long_window.policy.max_recovery_window_ms = p.transport_loss_ttl_ms * 2;
+    std::sync::Arc::make_mut(&mut long_window.policy).max_recovery_window_ms =
+        p.transport_loss_ttl_ms * 2;
     assert_eq!(
         next_deadline(&long_window),
         Some(T0.plus(p.transport_loss_ttl_ms))
