@@ -55,16 +55,36 @@ fn main() -> std::io::Result<()> {
             },
             now,
         );
-        let mut steps: Vec<(SessionEvent, &NodeId)> =
-            vec![(SessionEvent::HandshakeOk { candidate: candidate(1) }, &gw1)];
+        let mut steps: Vec<(SessionEvent, &NodeId)> = vec![(
+            SessionEvent::HandshakeOk {
+                candidate: candidate(1),
+            },
+            &gw1,
+        )];
         for n in 1..=switches {
             steps.push((SessionEvent::TransportDead, &gw1));
             steps.push((reattach(n, &rec, n + 1), &gw1));
         }
-        steps.push((SessionEvent::Freeze { reason: ReasonCode::Migration }, &gw1));
-        steps.push((SessionEvent::Transfer { to: gw2.clone(), reason: ReasonCode::Migration }, &gw1));
+        steps.push((
+            SessionEvent::Freeze {
+                reason: ReasonCode::Migration,
+            },
+            &gw1,
+        ));
+        steps.push((
+            SessionEvent::Transfer {
+                to: gw2.clone(),
+                reason: ReasonCode::Migration,
+            },
+            &gw1,
+        ));
         steps.push((reattach(switches + 1, &rec, 999), &gw2));
-        steps.push((SessionEvent::Terminate { reason: ReasonCode::PolicyTermination }, &gw2));
+        steps.push((
+            SessionEvent::Terminate {
+                reason: ReasonCode::PolicyTermination,
+            },
+            &gw2,
+        ));
         for (event, node) in steps {
             // Reattaches must name the version current when they are applied.
             let event = match event {
