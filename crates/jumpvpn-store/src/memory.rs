@@ -137,7 +137,7 @@ impl SessionStore for MemoryStore {
         let old = inner.sessions.len();
         inner
             .sessions
-            .retain(|_, r| !r.termination.is_some_and(|t| t.at < before));
+            .retain(|_, r| r.termination.is_none_or(|t| t.at >= before));
         Ok((old - inner.sessions.len()) as u64)
     }
 }
