@@ -9,7 +9,7 @@
 //!
 //! Backends:
 //! - [`memory::MemoryStore`] — the reference, used by deterministic simulations;
-//! - `embedded::EmbeddedStore` — redb, durable, with group commit (the default);
+//! - [`embedded::EmbeddedStore`] — redb, durable, with group commit (the default);
 //! - `etcd` — a shared, linearizable store for clusters.
 //!
 //! Node liveness ([`Liveness`]) is a lease with a TTL; [`lease::LeaseKeeper`] keeps it alive
@@ -22,6 +22,7 @@ use std::future::Future;
 use jumpvpn_core::{NodeId, ReasonCode, SessionId, SessionRecord, StateVersion, Timestamp};
 
 pub mod codec;
+pub mod embedded;
 
 pub mod lease;
 pub mod memory;
