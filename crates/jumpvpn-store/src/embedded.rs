@@ -49,10 +49,54 @@ struct Open {
     thread: Arc<std::sync::Mutex<Option<thread::JoinHandle<()>>>>,
 }
 
+/// A write, encoded by the caller so the single writer thread only compares and copies.
 enum Op {
-    Create(SessionRecord),
-    Cas(StateVersion, SessionRecord),
+    Create {
+        id: SessionId,
+        value: Vec<u8>,
+    },
+    Cas {
+        id: SessionId,
+        expected: StateVersion,
+        value: Vec<u8>,
+    },
     RemoveTerminated(Timestamp),
+}
+
+/// A stored value: a small header that lets the writer check a CAS and maintain the owner
+/// index without decoding the record, then the record itself (`codec`).
+///
+/// ```text
+/// state_version: u64 BE | owner length: u16 BE | owner (UTF-8) | record (JSON)
+/// ```
+fn encode_value(record: &SessionRecord) -> Vec<u8> {
+    let owner = record.owner.as_str().as_bytes();
+    let body = codec::encode(record);
+    let owner_len = u16::try_from(owner.len()).unwrap_or(u16::MAX);
+    let owner = owner.get(..usize::from(owner_len)).unwrap_or(owner);
+    let mut value = Vec::with_capacity(10 + owner.len() + body.len());
+    value.extend_from_slice(&record.state_version.get().to_be_bytes());
+    value.extend_from_slice(&owner_len.to_be_bytes());
+    value.extend_from_slice(owner);
+    value.extend_from_slice(&body);
+    value
+}
+
+/// The header of a stored value: (version, owner, record bytes).
+fn split_value(bytes: &[u8]) -> Option<(u64, &str, &[u8])> {
+    let version = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+    let owner_len = usize::from(u16::from_be_bytes(bytes.get(8..10)?.try_into().ok()?));
+    let owner = std::str::from_utf8(bytes.get(10..10 + owner_len)?).ok()?;
+    Some((version, owner, bytes.get(10 + owner_len..)?))
+}
+
+fn decode_value(session: SessionId, bytes: &[u8]) -> Result<SessionRecord, StoreError> {
+    let key = session.to_string();
+    let (_, _, body) = split_value(bytes).ok_or_else(|| StoreError::Corrupt {
+        key: key.clone(),
+        detail: "bad header".into(),
+    })?;
+    codec::decode(&key, body)
 }
 
 struct Request {
@@ -164,7 +208,11 @@ impl EmbeddedStore {
 impl SessionStore for EmbeddedStore {
     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
         check_create_request(record)?;
-        self.submit(Op::Create(record.clone())).await.map(drop)
+        let op = Op::Create {
+            id: record.session_id,
+            value: encode_value(record),
+        };
+        self.submit(op).await.map(drop)
     }
 
     async fn get(&self, session: SessionId) -> Result<Option<SessionRecord>, StoreError> {
@@ -173,9 +221,7 @@ impl SessionStore for EmbeddedStore {
             let value = table
                 .get(session.as_u128())
                 .map_err(StoreError::unavailable)?;
-            value
-                .map(|v| codec::decode(&session.to_string(), v.value()))
-                .transpose()
+            value.map(|v| decode_value(session, v.value())).transpose()
         })
     }
 
@@ -185,9 +231,12 @@ impl SessionStore for EmbeddedStore {
         record: &SessionRecord,
     ) -> Result<(), StoreError> {
         check_cas_request(expected, record)?;
-        self.submit(Op::Cas(expected, record.clone()))
-            .await
-            .map(drop)
+        let op = Op::Cas {
+            id: record.session_id,
+            expected,
+            value: encode_value(record),
+        };
+        self.submit(op).await.map(drop)
     }
 
     async fn list_by_owner(
@@ -217,7 +266,7 @@ impl SessionStore for EmbeddedStore {
                         key: key.clone(),
                         detail: "indexed but absent".into(),
                     })?;
-                out.push(codec::decode(&key, value.value())?);
+                out.push(decode_value(SessionId::from_u128(id), value.value())?);
             }
             Ok(out)
         })
@@ -291,37 +340,48 @@ fn apply_batch(
         let mut index = txn.open_table(BY_OWNER)?;
         for request in batch {
             let result = match &request.op {
-                Op::Create(record) => {
-                    let id = record.session_id.as_u128();
-                    let existing = sessions.get(id)?.map(|v| v.value().to_vec());
+                Op::Create { id, value } => {
+                    let existing = sessions.get(id.as_u128())?.map(|v| v.value().to_vec());
                     match existing {
-                        Some(bytes) => Err(already_exists(record.session_id, &bytes)),
-                        None => {
-                            sessions.insert(id, codec::encode(record).as_slice())?;
-                            index.insert((record.owner.as_str(), id), ())?;
-                            Ok(1)
-                        }
+                        Some(bytes) => Err(already_exists(*id, &bytes)),
+                        None => match split_value(value) {
+                            Some((_, owner, _)) => {
+                                sessions.insert(id.as_u128(), value.as_slice())?;
+                                index.insert((owner, id.as_u128()), ())?;
+                                Ok(1)
+                            }
+                            None => Err(bad_request()),
+                        },
                     }
                 }
-                Op::Cas(expected, record) => {
-                    let id = record.session_id.as_u128();
-                    let existing = sessions.get(id)?.map(|v| v.value().to_vec());
-                    match existing.map(|b| codec::decode(&record.session_id.to_string(), &b)) {
-                        None => Err(StoreError::NotFound {
-                            session: record.session_id,
+                Op::Cas {
+                    id,
+                    expected,
+                    value,
+                } => {
+                    let existing = sessions.get(id.as_u128())?.map(|v| v.value().to_vec());
+                    let header = existing.as_deref().map(split_value);
+                    match (header, split_value(value)) {
+                        (None, _) => Err(StoreError::NotFound { session: *id }),
+                        (_, None) => Err(bad_request()),
+                        (Some(None), _) => Err(StoreError::Corrupt {
+                            key: id.to_string(),
+                            detail: "bad header".into(),
                         }),
-                        Some(Err(corrupt)) => Err(corrupt),
-                        Some(Ok(current)) if current.state_version != *expected => {
-                            Err(StoreError::Conflict {
-                                current: Box::new(current),
-                            })
+                        (Some(Some((stored, _, _))), _) if stored != expected.get() => {
+                            let bytes = existing.as_deref().unwrap_or_default();
+                            Err(decode_value(*id, bytes)
+                                .map(|current| StoreError::Conflict {
+                                    current: Box::new(current),
+                                })
+                                .unwrap_or_else(|corrupt| corrupt))
                         }
-                        Some(Ok(current)) => {
-                            sessions.insert(id, codec::encode(record).as_slice())?;
-                            if current.owner != record.owner {
-                                index.remove((current.owner.as_str(), id))?;
-                                index.insert((record.owner.as_str(), id), ())?;
+                        (Some(Some((_, old_owner, _))), Some((_, new_owner, _))) => {
+                            if old_owner != new_owner {
+                                index.remove((old_owner, id.as_u128()))?;
+                                index.insert((new_owner, id.as_u128()), ())?;
                             }
+                            sessions.insert(id.as_u128(), value.as_slice())?;
                             Ok(1)
                         }
                     }
@@ -331,7 +391,7 @@ fn apply_batch(
                     for entry in sessions.iter()? {
                         let (key, value) = entry?;
                         let id = key.value();
-                        if let Ok(r) = codec::decode("", value.value()) {
+                        if let Ok(r) = decode_value(SessionId::from_u128(id), value.value()) {
                             if r.termination.is_some_and(|t| t.at < *before) {
                                 doomed.push((id, r.owner));
                             }
@@ -351,8 +411,14 @@ fn apply_batch(
     Ok(results)
 }
 
+fn bad_request() -> StoreError {
+    StoreError::InvalidRequest {
+        detail: "value without a header".into(),
+    }
+}
+
 fn already_exists(session: SessionId, bytes: &[u8]) -> StoreError {
-    match codec::decode(&session.to_string(), bytes) {
+    match decode_value(session, bytes) {
         Ok(current) => StoreError::AlreadyExists {
             current: Box::new(current),
         },

@@ -1,0 +1,147 @@
+//! Store benchmark: CAS throughput and latency per backend at 1, 16 and 64 concurrent writers
+//! (each writer advances its own session, so every CAS is a real commit, not a conflict).
+//! Figures and the command that reproduces them: docs/BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run --release -p jumpvpn-store --example store_bench -- [SECONDS] [BACKEND...]
+//! ```
+//! BACKEND is `memory` or `embedded` (default: both).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jumpvpn_core::record::{NewSession, SealedSecret};
+use jumpvpn_core::{
+    NodeId, OwnerEpoch, Policy, SessionId, SessionRecord, SessionState, StateVersion, Timestamp,
+};
+use jumpvpn_store::embedded::EmbeddedStore;
+use jumpvpn_store::memory::MemoryStore;
+use jumpvpn_store::SessionStore;
+
+const WRITERS: [u64; 3] = [1, 16, 64];
+
+fn record(id: u128) -> SessionRecord {
+    let mut r = SessionRecord::birth(
+        NewSession {
+            session_id: SessionId::from_u128(id),
+            owner: NodeId::new("gw1"),
+            client_key: [3; 32],
+            tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9)),
+            policy: Policy::default(),
+            secrets: SealedSecret::new(vec![0x5A; 48]),
+        },
+        Timestamp(1_700_000_000_000),
+    );
+    r.state = SessionState::Attached;
+    r.state_version = StateVersion(1);
+    r.owner_epoch = OwnerEpoch(1);
+    r
+}
+
+/// One run's result.
+struct Run {
+    ops: u64,
+    elapsed: Duration,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn run<S: SessionStore + Clone>(store: &S, writers: u64, seconds: f64, base: u128) -> Run {
+    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = record(base + u128::from(w));
+            store.create(&r).await.expect("create");
+            let mut latencies = Vec::new();
+            while Instant::now() < stop {
+                let mut next = r.clone();
+                next.state_version = StateVersion(r.state_version.get() + 1);
+                let t = Instant::now();
+                store
+                    .compare_and_swap(r.state_version, &next)
+                    .await
+                    .expect("CAS");
+                latencies.push(t.elapsed().as_nanos() as u64);
+                r = next;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("writer"));
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1_000.0
+    };
+    Run {
+        ops: all.len() as u64,
+        elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn print(backend: &str, writers: u64, r: &Run, extra: &str) {
+    let rate = r.ops as f64 / r.elapsed.as_secs_f64();
+    println!(
+        "| {backend} | {writers} | {rate:>12.0} | {:>9.1} | {:>9.1} | {extra} |",
+        r.p50_us, r.p99_us
+    );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1).peekable();
+    let seconds: f64 = match args.peek().and_then(|a| a.parse().ok()) {
+        Some(s) => {
+            args.next();
+            s
+        }
+        None => 3.0,
+    };
+    let mut backends: Vec<String> = args.collect();
+    if backends.is_empty() {
+        backends = vec!["memory".into(), "embedded".into()];
+    }
+    println!("| backend | writers | CAS/s | p50 µs | p99 µs | notes |");
+    println!("|---|---|---|---|---|---|");
+    let mut base = 1u128 << 64;
+    for backend in &backends {
+        for writers in WRITERS {
+            base += 1 << 32;
+            match backend.as_str() {
+                "memory" => {
+                    let s = MemoryStore::new();
+                    let r = run(&s, writers, seconds, base).await;
+                    print("memory", writers, &r, "");
+                }
+                "embedded" => {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let s = EmbeddedStore::open(dir.path().join("bench.db")).expect("open");
+                    let before = s.commits();
+                    let r = run(&s, writers, seconds, base).await;
+                    let fsyncs = (s.commits() - before) as f64 / r.elapsed.as_secs_f64();
+                    let per = r.ops as f64 / (s.commits() - before).max(1) as f64;
+                    print(
+                        "embedded",
+                        writers,
+                        &r,
+                        &format!("{fsyncs:.0} fsyncs/s, {per:.1} writes per fsync"),
+                    );
+                    let _ = Arc::new(());
+                }
+                other => panic!("unknown backend {other:?}: expected memory or embedded"),
+            }
+        }
+    }
+}
