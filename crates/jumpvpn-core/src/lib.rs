@@ -19,7 +19,8 @@
 //!
 //! Modules: [`ids`] (newtypes), [`reason`] (SPEC §10 codes), [`policy`] (§6), [`record`] (§2),
 //! [`machine`] (§3 and §4 steps 5–9), [`health`] (volatility signals), [`replay`] (data and
-//! control anti-replay), [`audit`] (§8 events and the invariant checker).
+//! control anti-replay), [`audit`] (§8 events and the invariant checker), [`ownership`] (§7:
+//! who may carry a session, rendezvous routing, migration, drain and failover).
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod audit;
 pub mod health;
 pub mod ids;
 pub mod machine;
+pub mod ownership;
 pub mod policy;
 pub mod reason;
 pub mod record;

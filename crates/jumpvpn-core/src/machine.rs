@@ -234,6 +234,28 @@ pub const fn is_termination_reason(reason: ReasonCode) -> bool {
     )
 }
 
+/// Whether `reason` names a planned move (a freeze and transfer). `FAILOVER` is not one: a
+/// failover needs the owner's lease to have expired and goes through
+/// [`SessionEvent::Failover`] only.
+const fn is_planned_move(reason: ReasonCode) -> bool {
+    matches!(reason, ReasonCode::Migration | ReasonCode::Drain)
+}
+
+/// A refusal with its audit event (of type `kind`) at the record's unchanged version: the one
+/// way refusals are built, here and by layers that refuse before [`apply`] (the ownership
+/// rules).
+pub fn refuse(
+    record: &SessionRecord,
+    ctx: &Context<'_>,
+    refusal: Refusal,
+    kind: EventKind,
+) -> Rejection {
+    Rejection {
+        refusal,
+        events: vec![event_at(record, ctx, refusal.reason, kind)],
+    }
+}
+
 /// Applies `event` to `record` at `ctx.now`. Pure: the same inputs give the same outcome.
 pub fn apply(record: &SessionRecord, event: &SessionEvent, ctx: &Context<'_>) -> Outcome {
     if record.is_terminated() {
@@ -380,7 +402,7 @@ pub fn apply(record: &SessionRecord, event: &SessionEvent, ctx: &Context<'_>) ->
             d.terminate(*reason);
             d.finish(None)
         }
-        (_, SessionEvent::Freeze { reason }) if reason.is_ownership_transfer() => {
+        (_, SessionEvent::Freeze { reason }) if is_planned_move(*reason) => {
             if record.frozen {
                 return reject(record, event, ctx, ReasonCode::SessionFrozen, false, None);
             }
@@ -402,7 +424,7 @@ pub fn apply(record: &SessionRecord, event: &SessionEvent, ctx: &Context<'_>) ->
             d.finish(None)
         }
         (_, SessionEvent::Transfer { to, reason })
-            if record.frozen && *to != record.owner && reason.is_ownership_transfer() =>
+            if record.frozen && *to != record.owner && is_planned_move(*reason) =>
         {
             change_owner(record, ctx, to, *reason)
         }
@@ -703,10 +725,7 @@ fn rejection(
 ) -> Rejection {
     let refusal = Refusal { reason, retryable };
     let kind = kind.unwrap_or_else(|| refusal_kind(event, refusal));
-    Rejection {
-        refusal,
-        events: vec![event_at(record, ctx, reason, kind)],
-    }
+    refuse(record, ctx, refusal, kind)
 }
 
 /// The audit event that reports `refusal` of `event`.

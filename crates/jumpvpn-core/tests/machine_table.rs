@@ -737,3 +737,47 @@ fn terminate_accepts_only_termination_reasons() {
         Outcome::Reject(_)
     ));
 }
+
+#[test]
+fn a_planned_move_cannot_claim_to_be_a_failover() {
+    // A failover needs the owner's lease to have expired; it is never a freeze or transfer.
+    let node = gw("gw1");
+    let rec = record_in(Attached);
+    let freeze = SessionEvent::Freeze {
+        reason: R::Failover,
+    };
+    assert!(matches!(
+        apply(
+            &rec,
+            &freeze,
+            &Context {
+                now: T0,
+                node: &node
+            }
+        ),
+        Outcome::Reject(_)
+    ));
+    let frozen = commit(
+        &rec,
+        SessionEvent::Freeze {
+            reason: R::Migration,
+        },
+        &node,
+        T0,
+    );
+    let transfer = SessionEvent::Transfer {
+        to: gw("gw2"),
+        reason: R::Failover,
+    };
+    match apply(
+        &frozen,
+        &transfer,
+        &Context {
+            now: T0,
+            node: &node,
+        },
+    ) {
+        Outcome::Reject(r) => assert_eq!(r.refusal.reason, R::InvalidTransition),
+        other => panic!("a transfer labelled FAILOVER was not refused: {other:?}"),
+    }
+}
