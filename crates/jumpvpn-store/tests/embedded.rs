@@ -11,34 +11,16 @@ use jumpvpn_core::{SessionId, StateVersion};
 use jumpvpn_store::embedded::EmbeddedStore;
 use jumpvpn_store::SessionStore;
 
+conformance_tests!(store());
+
 fn store() -> (tempfile::TempDir, EmbeddedStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedStore::open(dir.path().join("sessions.db")).expect("open");
     (dir, store)
 }
 
-#[tokio::test]
-async fn create_twice_is_refused_with_the_stored_record() {
-    suite::create_twice_is_refused_with_the_stored_record(&store().1).await;
-}
-
-#[tokio::test]
-async fn cas_applies_only_on_the_expected_version() {
-    suite::cas_applies_only_on_the_expected_version(&store().1).await;
-}
-
-#[tokio::test]
-async fn cas_on_a_missing_session_is_not_found() {
-    suite::cas_on_a_missing_session_is_not_found(&store().1).await;
-}
-
-#[tokio::test]
-async fn malformed_requests_are_refused_without_writing() {
-    suite::malformed_requests_are_refused_without_writing(&store().1).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_racers_have_exactly_one_winner_per_version() {
+async fn racing_writers_share_commits() {
     let (_dir, s) = store();
     suite::racers_have_exactly_one_winner_per_version(&s, 16, 200).await;
     // Racing writers share commits: far fewer fsyncs than acknowledged writes.
@@ -47,21 +29,6 @@ async fn sixteen_racers_have_exactly_one_winner_per_version() {
         "{} commits for 3200 requests",
         s.commits()
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousands_of_sessions_in_parallel() {
-    suite::thousands_of_sessions_in_parallel(&store().1, 3_000, 16).await;
-}
-
-#[tokio::test]
-async fn list_by_owner_pages_in_id_order() {
-    suite::list_by_owner_pages_in_id_order(&store().1).await;
-}
-
-#[tokio::test]
-async fn remove_terminated_keeps_live_and_recent_sessions() {
-    suite::remove_terminated_keeps_live_and_recent_sessions(&store().1).await;
 }
 
 #[tokio::test(start_paused = true)]

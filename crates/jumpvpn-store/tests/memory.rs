@@ -6,45 +6,7 @@ use std::time::Duration;
 
 use jumpvpn_store::memory::MemoryStore;
 
-#[tokio::test]
-async fn create_twice_is_refused_with_the_stored_record() {
-    suite::create_twice_is_refused_with_the_stored_record(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn cas_applies_only_on_the_expected_version() {
-    suite::cas_applies_only_on_the_expected_version(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn cas_on_a_missing_session_is_not_found() {
-    suite::cas_on_a_missing_session_is_not_found(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn malformed_requests_are_refused_without_writing() {
-    suite::malformed_requests_are_refused_without_writing(&MemoryStore::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_racers_have_exactly_one_winner_per_version() {
-    suite::racers_have_exactly_one_winner_per_version(&MemoryStore::new(), 16, 200).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousands_of_sessions_in_parallel() {
-    suite::thousands_of_sessions_in_parallel(&MemoryStore::new(), 5_000, 16).await;
-}
-
-#[tokio::test]
-async fn list_by_owner_pages_in_id_order() {
-    suite::list_by_owner_pages_in_id_order(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn remove_terminated_keeps_live_and_recent_sessions() {
-    suite::remove_terminated_keeps_live_and_recent_sessions(&MemoryStore::new()).await;
-}
+conformance_tests!(((), MemoryStore::new()));
 
 #[tokio::test(start_paused = true)]
 async fn liveness_expiry_is_seen_by_another_node() {

@@ -369,3 +369,58 @@ pub async fn unavailable_store_fails_closed_and_mutates_nothing<S, B, R, BF, RF>
 
 /// How long a test may wait for a condition.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Generates the conformance tests every backend must pass. `$open` is an async expression
+/// giving `(guard, store)`; the guard (a temp dir, a cluster) lives as long as the test.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($open:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn create_twice_is_refused_with_the_stored_record() {
+            let (_guard, s) = $open;
+            suite::create_twice_is_refused_with_the_stored_record(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cas_applies_only_on_the_expected_version() {
+            let (_guard, s) = $open;
+            suite::cas_applies_only_on_the_expected_version(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cas_on_a_missing_session_is_not_found() {
+            let (_guard, s) = $open;
+            suite::cas_on_a_missing_session_is_not_found(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn malformed_requests_are_refused_without_writing() {
+            let (_guard, s) = $open;
+            suite::malformed_requests_are_refused_without_writing(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn sixteen_racers_have_exactly_one_winner_per_version() {
+            let (_guard, s) = $open;
+            suite::racers_have_exactly_one_winner_per_version(&s, 16, 200).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn thousands_of_sessions_in_parallel() {
+            let (_guard, s) = $open;
+            suite::thousands_of_sessions_in_parallel(&s, 2_000, 16).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn list_by_owner_pages_in_id_order() {
+            let (_guard, s) = $open;
+            suite::list_by_owner_pages_in_id_order(&s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn remove_terminated_keeps_live_and_recent_sessions() {
+            let (_guard, s) = $open;
+            suite::remove_terminated_keeps_live_and_recent_sessions(&s).await;
+        }
+    };
+}
