@@ -10,7 +10,8 @@
 //! Backends:
 //! - [`memory::MemoryStore`] — the reference, used by deterministic simulations;
 //! - [`embedded::EmbeddedStore`] — redb, durable, with group commit (the default);
-//! - `etcd` — a shared, linearizable store for clusters.
+//! - [`etcd::EtcdStore`] — a shared, linearizable store for clusters, every write one guarded
+//!   transaction, a lost answer decided by reading back and fencing, never by a blind retry.
 //!
 //! Node liveness ([`Liveness`]) is a lease with a TTL; [`lease::LeaseKeeper`] keeps it alive
 //! and computes the *local deadline* of SPEC §7.3, after which a node stops binding and
@@ -23,6 +24,7 @@ use jumpvpn_core::{NodeId, ReasonCode, SessionId, SessionRecord, StateVersion, T
 
 pub mod codec;
 pub mod embedded;
+pub mod etcd;
 
 pub mod lease;
 pub mod memory;
