@@ -112,6 +112,51 @@ pub struct EtcdStore {
     prefix: String,
     timeouts: EtcdTimeouts,
     lost: Arc<LostCounters>,
+    revisions: Arc<RevisionCache>,
+}
+
+/// The `mod_revision` and record version of this store's own last write to each session.
+///
+/// A node mostly writes the sessions it owns, one after another. If a key's `mod_revision` is
+/// still that of our last write, nothing has written the key since, so it holds our record at
+/// the cached version: a CAS can then go straight to its fenced transaction, one round trip
+/// instead of a read and a transaction. A stale entry costs nothing in safety — the
+/// transaction's compare fails and its else-branch returns the current record, which is then
+/// judged as after a read.
+#[derive(Default)]
+struct RevisionCache {
+    entries: std::sync::Mutex<std::collections::HashMap<SessionId, (i64, StateVersion)>>,
+}
+
+impl RevisionCache {
+    /// Bounds the cache's memory; when full it starts over (entries are only a shortcut).
+    const MAX_ENTRIES: usize = 100_000;
+
+    fn get(&self, session: SessionId) -> Option<(i64, StateVersion)> {
+        self.lock().get(&session).copied()
+    }
+
+    fn remember(&self, session: SessionId, revision: Option<i64>, version: StateVersion) {
+        let mut entries = self.lock();
+        match revision {
+            Some(revision) => {
+                if entries.len() >= Self::MAX_ENTRIES {
+                    entries.clear();
+                }
+                entries.insert(session, (revision, version));
+            }
+            None => {
+                entries.remove(&session);
+            }
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<SessionId, (i64, StateVersion)>> {
+        // Each operation is a single map call: a poisoned map is still consistent.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What became of the writes whose answer was lost, since the store was connected (shared by
@@ -185,6 +230,7 @@ impl EtcdStore {
             prefix,
             timeouts,
             lost: Arc::default(),
+            revisions: Arc::default(),
         };
         let probe = GetOptions::new().with_prefix().with_count_only();
         let what = format!("probing etcd at {}", endpoints.join(","));
@@ -572,6 +618,14 @@ const SCAN_PAGE: usize = 256;
 /// reason (an earlier attempt certain never to apply, or a concurrent same-version rewrite).
 const MAX_WRITE_ROUNDS: usize = 4;
 
+/// What a CAS knows of the stored key before its transaction.
+enum Known {
+    /// The revision of our own last write, at the expected version.
+    Revision(i64),
+    /// The key as read (absent: `None`).
+    Read(Option<KeyValue>),
+}
+
 impl SessionStore for EtcdStore {
     async fn create(&self, record: &SessionRecord) -> Result<(), StoreError> {
         check_create_request(record)?;
@@ -592,7 +646,12 @@ impl SessionStore for EtcdStore {
                     TxnOp::get(fence.as_str(), None),
                 ]);
             let lost = match self.txn(format!("create {key}"), txn).await {
-                Ok(answer) if answer.succeeded() => return Ok(()),
+                Ok(answer) if answer.succeeded() => {
+                    let revision = answer.header().map(|h| h.revision());
+                    self.revisions
+                        .remember(session, revision, record.state_version);
+                    return Ok(());
+                }
                 Ok(answer) => match txn_gets(&answer).as_slice() {
                     [Some(current), _] => {
                         return Err(StoreError::AlreadyExists {
@@ -663,19 +722,26 @@ impl SessionStore for EtcdStore {
                 })
             }
         };
-        let mut stored = read(&key).await?;
+        // Our own last write, if still current, stands in for the read.
+        let mut stored = match self.revisions.get(session) {
+            Some((revision, version)) if version == expected => Known::Revision(revision),
+            _ => Known::Read(read(&key).await?),
+        };
         let mut resolve_until = None;
         for _ in 0..MAX_WRITE_ROUNDS {
-            let Some(kv) = stored else {
-                return Err(StoreError::NotFound { session });
+            let read_rev = match stored {
+                Known::Revision(revision) => revision,
+                Known::Read(None) => return Err(StoreError::NotFound { session }),
+                Known::Read(Some(kv)) => {
+                    let current = decode_session(&key, &kv, session)?;
+                    if current.state_version != expected {
+                        return Err(StoreError::Conflict {
+                            current: Box::new(current),
+                        });
+                    }
+                    kv.mod_revision()
+                }
             };
-            let current = decode_session(&key, &kv, session)?;
-            if current.state_version != expected {
-                return Err(StoreError::Conflict {
-                    current: Box::new(current),
-                });
-            }
-            let read_rev = kv.mod_revision();
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
@@ -685,11 +751,16 @@ impl SessionStore for EtcdStore {
                 .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let lost = match self.txn(format!("compare-and-swap {key}"), txn).await {
-                Ok(answer) if answer.succeeded() => return Ok(()),
+                Ok(answer) if answer.succeeded() => {
+                    let revision = answer.header().map(|h| h.revision());
+                    self.revisions
+                        .remember(session, revision, record.state_version);
+                    return Ok(());
+                }
                 // Changed since our read. If only rewritten at the same version (a fence), we
                 // compare again against the fresh revision.
                 Ok(answer) => {
-                    stored = txn_gets(&answer).into_iter().next().flatten();
+                    stored = Known::Read(txn_gets(&answer).into_iter().next().flatten());
                     continue;
                 }
                 Err(e) if e.sent == Sent::No => return Err(StoreError::unavailable(e.detail)),
@@ -701,6 +772,8 @@ impl SessionStore for EtcdStore {
             let decided = self
                 .resolve_cas(&key, read_rev, expected, &value, session, &lost, deadline)
                 .await;
+            // After a lost answer our revision is unknown: the next CAS reads first.
+            self.revisions.remember(session, None, record.state_version);
             match self.lost.count(decided) {
                 Decided::Applied => return Ok(()),
                 Decided::Answer(e) => return Err(e),
@@ -708,7 +781,7 @@ impl SessionStore for EtcdStore {
                     return Err(StoreError::unavailable(format!("{lost}; {why}")))
                 }
                 // Certain that attempt never applies: try again from a fresh read.
-                Decided::NotApplied { .. } => stored = read(&key).await?,
+                Decided::NotApplied { .. } => stored = Known::Read(read(&key).await?),
             }
         }
         Err(StoreError::unavailable(format!(

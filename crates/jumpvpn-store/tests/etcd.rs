@@ -200,8 +200,9 @@ async fn cas_whose_answer_is_lost_after_it_applied_is_ok_and_applied_once() {
     let key = s.session_key(r.session_id);
     let r2 = suite::bumped(&r, 7);
 
-    // Request 1 is the CAS's read, request 2 its transaction.
-    proxy.arm(2, Loss::AfterEtcd);
+    // The store remembers the revision of its own create, so the CAS sends its transaction
+    // at once: it is request 1.
+    proxy.arm(1, Loss::AfterEtcd);
     let cas = tokio::spawn({
         let (s, r2) = (s.clone(), r2.clone());
         async move { s.compare_and_swap(StateVersion(1), &r2).await }
@@ -232,7 +233,8 @@ async fn cas_lost_before_reaching_etcd_is_fenced_off_then_applied_once() {
     s.create(&r).await.expect("create");
     let r2 = suite::bumped(&r, 7);
 
-    proxy.arm(2, Loss::BeforeEtcd);
+    // Request 1: the transaction (the store's own create left its revision cached).
+    proxy.arm(1, Loss::BeforeEtcd);
     assert_eq!(
         s.compare_and_swap(StateVersion(1), &r2).await,
         Ok(()),
@@ -316,7 +318,7 @@ async fn write_whose_outcome_cannot_be_learned_is_commit_unknown_in_bounded_time
 
     // The transaction is lost and the store stays out of reach while the CAS tries to learn
     // what happened.
-    proxy.arm(2, Loss::BeforeEtcdThenDown);
+    proxy.arm(1, Loss::BeforeEtcdThenDown);
     let started_at = Instant::now();
     let outcome = s
         .compare_and_swap(StateVersion(1), &suite::bumped(&r, 7))
@@ -346,6 +348,34 @@ async fn write_whose_outcome_cannot_be_learned_is_commit_unknown_in_bounded_time
 // Faults.
 
 /// A record owned by `owner`, at version 1.
+#[tokio::test]
+async fn a_stale_revision_cache_never_lets_a_write_through() {
+    let cluster = Cluster::start(3).await;
+    // Two nodes, each with its own connection and its own memory of its last writes.
+    let a = connect(&cluster, "/stale/").await;
+    let b = connect(&cluster, "/stale/").await;
+    let r1 = record(0x57a1e, "gw1");
+    a.create(&r1).await.expect("create on a");
+    let r2 = suite::bumped(&r1, 2);
+    b.compare_and_swap(StateVersion(1), &r2)
+        .await
+        .expect("b moves it to version 2");
+    // a still remembers version 1 at its create's revision: its transaction must fail the
+    // compare and learn the current record.
+    match a
+        .compare_and_swap(StateVersion(1), &suite::bumped(&r1, 99))
+        .await
+    {
+        Err(StoreError::Conflict { current }) => assert_eq!(*current, r2),
+        other => panic!("a stale writer got {other:?}"),
+    }
+    let r3 = suite::bumped(&r2, 3);
+    a.compare_and_swap(StateVersion(2), &r3)
+        .await
+        .expect("a, now current, writes version 3");
+    assert_eq!(b.get(r1.session_id).await.expect("get"), Some(r3));
+}
+
 fn record(id: u128, owner: &str) -> SessionRecord {
     suite::record(id, owner)
 }
