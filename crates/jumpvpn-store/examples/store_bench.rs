@@ -24,7 +24,6 @@ use jumpvpn_store::memory::MemoryStore;
 use jumpvpn_store::{codec, SessionStore};
 
 #[path = "../tests/etcd_cluster/mod.rs"]
-#[allow(dead_code)]
 mod etcd_cluster;
 
 const WRITERS: [u64; 3] = [1, 16, 64];
