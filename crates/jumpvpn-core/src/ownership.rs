@@ -306,7 +306,10 @@ pub fn decide_unknown_session(session: SessionId, this: &NodeId, facts: &Facts<'
 ///
 /// `record` is this node's latest copy. A stale copy (another node took the session over since)
 /// is still safe: a failover needs the old owner's lease expired in the store, and the old
-/// owner's local deadline passes before that, so `local_lease_valid` is already false.
+/// owner's local deadline passes before that, so `local_lease_valid` is already false. This
+/// holds only for the lease the copy was read under: a node that registers a new lease must
+/// re-read its records before it forwards again, or a fresh lease would vouch for a stale
+/// "owner = me".
 pub fn may_forward(
     record: &SessionRecord,
     this: &NodeId,
@@ -328,6 +331,11 @@ pub fn may_forward(
 /// `FAILOVER`, RECOVERING. A commit may instead end the session (a deadline had passed, or the
 /// epoch is exhausted): check `commit.refusal` and the new record's state. This is meant for
 /// shared mode; a sticky cluster has no failover (SPEC §7.2).
+///
+/// `owner_liveness` is the driver's reading, and readings age: the commit must be written with
+/// the store's `compare_and_swap_if_dead`, which re-checks the owner's lease in the same atomic
+/// step as the version compare. Checking, then writing with a plain CAS, lets the owner renew in
+/// between (the model check's `SplitFailover` counter-example).
 pub fn explicit_failover(
     record: &SessionRecord,
     this: &NodeId,

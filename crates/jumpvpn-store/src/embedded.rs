@@ -40,6 +40,9 @@ pub struct EmbeddedStore {
     open: Arc<RwLock<Option<Open>>>,
     commits: Arc<AtomicU64>,
     leases: MemoryStore,
+    /// Serialises lease changes with failover writes, so that checking a lease and writing
+    /// the failover are one step (liveness here is in-process).
+    liveness_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Clone)]
@@ -113,6 +116,7 @@ impl EmbeddedStore {
             open: Arc::new(RwLock::new(None)),
             commits: Arc::new(AtomicU64::new(0)),
             leases: MemoryStore::new(),
+            liveness_gate: Arc::default(),
         };
         store.reopen()?;
         Ok(store)
@@ -239,6 +243,27 @@ impl SessionStore for EmbeddedStore {
         self.submit(op).await.map(drop)
     }
 
+    async fn compare_and_swap_if_dead(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        previous_owner: &NodeId,
+    ) -> Result<(), StoreError> {
+        check_cas_request(expected, record)?;
+        let _gate = self.liveness_gate.lock().await;
+        if self.leases.is_alive(previous_owner).await? {
+            return Err(StoreError::OwnerAlive {
+                node: previous_owner.clone(),
+            });
+        }
+        let op = Op::Cas {
+            id: record.session_id,
+            expected,
+            value: encode_value(record),
+        };
+        self.submit(op).await.map(drop)
+    }
+
     async fn list_by_owner(
         &self,
         owner: &NodeId,
@@ -280,11 +305,13 @@ impl SessionStore for EmbeddedStore {
 impl Liveness for EmbeddedStore {
     async fn register(&self, node: &NodeId, ttl_ms: u64) -> Result<LeaseId, StoreError> {
         self.current()?;
+        let _gate = self.liveness_gate.lock().await;
         self.leases.register(node, ttl_ms).await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.current()?;
+        let _gate = self.liveness_gate.lock().await;
         self.leases.keep_alive(lease).await
     }
 

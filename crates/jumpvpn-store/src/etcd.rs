@@ -618,6 +618,112 @@ const SCAN_PAGE: usize = 256;
 /// reason (an earlier attempt certain never to apply, or a concurrent same-version rewrite).
 const MAX_WRITE_ROUNDS: usize = 4;
 
+impl EtcdStore {
+    /// The CAS; with `unless_alive`, the same transaction also requires that node's
+    /// lease-bound key to be absent (its lease expired), so the failover and the liveness check
+    /// are one atomic step.
+    async fn cas(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        unless_alive: Option<&NodeId>,
+    ) -> Result<(), StoreError> {
+        check_cas_request(expected, record)?;
+        let session = record.session_id;
+        let key = self.session_key(session);
+        let value = codec::encode(record);
+        let read = |key: &str| {
+            let key = key.to_owned();
+            async move {
+                self.read(&key).await.map_err(|e| {
+                    StoreError::unavailable(format!("compare-and-swap {key}: {}", e.detail))
+                })
+            }
+        };
+        // Our own last write, if still current, stands in for the read.
+        let mut stored = match self.revisions.get(session) {
+            Some((revision, version)) if version == expected => Known::Revision(revision),
+            _ => Known::Read(read(&key).await?),
+        };
+        let mut resolve_until = None;
+        for _ in 0..MAX_WRITE_ROUNDS {
+            let read_rev = match stored {
+                Known::Revision(revision) => revision,
+                Known::Read(None) => return Err(StoreError::NotFound { session }),
+                Known::Read(Some(kv)) => {
+                    let current = decode_session(&key, &kv, session)?;
+                    if current.state_version != expected {
+                        return Err(StoreError::Conflict {
+                            current: Box::new(current),
+                        });
+                    }
+                    kv.mod_revision()
+                }
+            };
+            let mut guards = vec![Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                read_rev,
+            )];
+            let mut reads = vec![TxnOp::get(key.as_str(), None)];
+            if let Some(node) = unless_alive {
+                let node_key = self.node_key(node);
+                guards.push(Compare::create_revision(
+                    node_key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                reads.push(TxnOp::get(node_key.as_str(), None));
+            }
+            let txn = Txn::new()
+                .when(guards)
+                .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
+                .or_else(reads);
+            let lost = match self.txn(format!("compare-and-swap {key}"), txn).await {
+                Ok(answer) if answer.succeeded() => {
+                    let revision = answer.header().map(|h| h.revision());
+                    self.revisions
+                        .remember(session, revision, record.state_version);
+                    return Ok(());
+                }
+                // Changed since our read. If only rewritten at the same version (a fence), we
+                // compare again against the fresh revision.
+                Ok(answer) => {
+                    let mut gets = txn_gets(&answer).into_iter();
+                    let current = gets.next().flatten();
+                    if let (Some(node), Some(Some(_alive))) = (unless_alive, gets.next()) {
+                        return Err(StoreError::OwnerAlive { node: node.clone() });
+                    }
+                    stored = Known::Read(current);
+                    continue;
+                }
+                Err(e) if e.sent == Sent::No => return Err(StoreError::unavailable(e.detail)),
+                Err(e) => e.detail,
+            };
+            let deadline =
+                *resolve_until.get_or_insert_with(|| Instant::now() + self.timeouts.resolve);
+            self.lost.total.fetch_add(1, Ordering::Relaxed);
+            let decided = self
+                .resolve_cas(&key, read_rev, expected, &value, session, &lost, deadline)
+                .await;
+            // After a lost answer our revision is unknown: the next CAS reads first.
+            self.revisions.remember(session, None, record.state_version);
+            match self.lost.count(decided) {
+                Decided::Applied => return Ok(()),
+                Decided::Answer(e) => return Err(e),
+                Decided::NotApplied { why, .. } if Instant::now() >= deadline => {
+                    return Err(StoreError::unavailable(format!("{lost}; {why}")))
+                }
+                // Certain that attempt never applies: try again from a fresh read.
+                Decided::NotApplied { .. } => stored = Known::Read(read(&key).await?),
+            }
+        }
+        Err(StoreError::unavailable(format!(
+            "compare-and-swap {key}: no definite outcome after {MAX_WRITE_ROUNDS} attempts"
+        )))
+    }
+}
+
 /// What a CAS knows of the stored key before its transaction.
 enum Known {
     /// The revision of our own last write, at the expected version.
@@ -710,83 +816,16 @@ impl SessionStore for EtcdStore {
         expected: StateVersion,
         record: &SessionRecord,
     ) -> Result<(), StoreError> {
-        check_cas_request(expected, record)?;
-        let session = record.session_id;
-        let key = self.session_key(session);
-        let value = codec::encode(record);
-        let read = |key: &str| {
-            let key = key.to_owned();
-            async move {
-                self.read(&key).await.map_err(|e| {
-                    StoreError::unavailable(format!("compare-and-swap {key}: {}", e.detail))
-                })
-            }
-        };
-        // Our own last write, if still current, stands in for the read.
-        let mut stored = match self.revisions.get(session) {
-            Some((revision, version)) if version == expected => Known::Revision(revision),
-            _ => Known::Read(read(&key).await?),
-        };
-        let mut resolve_until = None;
-        for _ in 0..MAX_WRITE_ROUNDS {
-            let read_rev = match stored {
-                Known::Revision(revision) => revision,
-                Known::Read(None) => return Err(StoreError::NotFound { session }),
-                Known::Read(Some(kv)) => {
-                    let current = decode_session(&key, &kv, session)?;
-                    if current.state_version != expected {
-                        return Err(StoreError::Conflict {
-                            current: Box::new(current),
-                        });
-                    }
-                    kv.mod_revision()
-                }
-            };
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    read_rev,
-                )])
-                .and_then([TxnOp::put(key.as_str(), value.as_slice(), None)])
-                .or_else([TxnOp::get(key.as_str(), None)]);
-            let lost = match self.txn(format!("compare-and-swap {key}"), txn).await {
-                Ok(answer) if answer.succeeded() => {
-                    let revision = answer.header().map(|h| h.revision());
-                    self.revisions
-                        .remember(session, revision, record.state_version);
-                    return Ok(());
-                }
-                // Changed since our read. If only rewritten at the same version (a fence), we
-                // compare again against the fresh revision.
-                Ok(answer) => {
-                    stored = Known::Read(txn_gets(&answer).into_iter().next().flatten());
-                    continue;
-                }
-                Err(e) if e.sent == Sent::No => return Err(StoreError::unavailable(e.detail)),
-                Err(e) => e.detail,
-            };
-            let deadline =
-                *resolve_until.get_or_insert_with(|| Instant::now() + self.timeouts.resolve);
-            self.lost.total.fetch_add(1, Ordering::Relaxed);
-            let decided = self
-                .resolve_cas(&key, read_rev, expected, &value, session, &lost, deadline)
-                .await;
-            // After a lost answer our revision is unknown: the next CAS reads first.
-            self.revisions.remember(session, None, record.state_version);
-            match self.lost.count(decided) {
-                Decided::Applied => return Ok(()),
-                Decided::Answer(e) => return Err(e),
-                Decided::NotApplied { why, .. } if Instant::now() >= deadline => {
-                    return Err(StoreError::unavailable(format!("{lost}; {why}")))
-                }
-                // Certain that attempt never applies: try again from a fresh read.
-                Decided::NotApplied { .. } => stored = Known::Read(read(&key).await?),
-            }
-        }
-        Err(StoreError::unavailable(format!(
-            "compare-and-swap {key}: no definite outcome after {MAX_WRITE_ROUNDS} attempts"
-        )))
+        self.cas(expected, record, None).await
+    }
+
+    async fn compare_and_swap_if_dead(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        previous_owner: &NodeId,
+    ) -> Result<(), StoreError> {
+        self.cas(expected, record, Some(previous_owner)).await
     }
 
     async fn list_by_owner(

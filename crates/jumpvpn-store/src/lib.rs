@@ -54,6 +54,19 @@ pub trait SessionStore: Send + Sync + 'static {
         record: &SessionRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// A failover's write (SPEC §7.4): [`SessionStore::compare_and_swap`], applied only if
+    /// `previous_owner` holds no live lease *at the moment of the write*. One atomic step: a
+    /// liveness check followed by a separate CAS would let the owner renew in between, and the
+    /// session would be taken from a node that still acts as its owner.
+    ///
+    /// If the owner is alive: [`StoreError::OwnerAlive`], and nothing written.
+    fn compare_and_swap_if_dead(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        previous_owner: &NodeId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Up to `limit` records owned by `owner` whose ID is greater than `after`, in ID order
     /// (pass the last ID of a page to get the next).
     fn list_by_owner(
@@ -110,6 +123,12 @@ pub enum StoreError {
         /// The record as stored.
         current: Box<SessionRecord>,
     },
+    /// A failover's write was refused because the previous owner's lease is live; nothing was
+    /// written.
+    OwnerAlive {
+        /// The owner whose lease is live.
+        node: NodeId,
+    },
     /// No record for the session.
     NotFound {
         /// The session asked for.
@@ -150,9 +169,9 @@ impl StoreError {
     /// The reason code a client is told (SPEC §4 step 10).
     pub fn reason(&self) -> ReasonCode {
         match self {
-            StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } => {
-                ReasonCode::OwnershipConflict
-            }
+            StoreError::Conflict { .. }
+            | StoreError::AlreadyExists { .. }
+            | StoreError::OwnerAlive { .. } => ReasonCode::OwnershipConflict,
             StoreError::NotFound { .. } => ReasonCode::SessionNotFound,
             StoreError::Unavailable { .. } | StoreError::LeaseExpired => {
                 ReasonCode::StoreUnavailable
@@ -183,6 +202,9 @@ impl fmt::Display for StoreError {
                 write!(f, "session {} already exists", current.session_id)
             }
             StoreError::NotFound { session } => write!(f, "session {session} not found"),
+            StoreError::OwnerAlive { node } => {
+                write!(f, "failover refused: owner {node} still holds a live lease")
+            }
             StoreError::Unavailable { detail } => write!(f, "store unavailable: {detail}"),
             StoreError::CommitUnknown { session, detail } => {
                 write!(f, "commit outcome unknown for session {session}: {detail}")

@@ -56,6 +56,40 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// The CAS, and when `unless_alive` names a node, only if that node holds no live lease:
+    /// both checked under the one lock.
+    fn cas(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        unless_alive: Option<&NodeId>,
+    ) -> Result<(), StoreError> {
+        check_cas_request(expected, record)?;
+        let mut inner = self.available()?;
+        if let Some(node) = unless_alive {
+            let now = Instant::now();
+            if inner
+                .leases
+                .values()
+                .any(|l| l.node == *node && now < l.expires)
+            {
+                return Err(StoreError::OwnerAlive { node: node.clone() });
+            }
+        }
+        let Some(current) = inner.sessions.get_mut(&record.session_id) else {
+            return Err(StoreError::NotFound {
+                session: record.session_id,
+            });
+        };
+        if current.state_version != expected {
+            return Err(StoreError::Conflict {
+                current: Box::new(current.clone()),
+            });
+        }
+        *current = record.clone();
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied write: every write is a
         // single map insert. So a poisoned lock is still consistent.
@@ -95,20 +129,16 @@ impl SessionStore for MemoryStore {
         expected: StateVersion,
         record: &SessionRecord,
     ) -> Result<(), StoreError> {
-        check_cas_request(expected, record)?;
-        let mut inner = self.available()?;
-        let Some(current) = inner.sessions.get_mut(&record.session_id) else {
-            return Err(StoreError::NotFound {
-                session: record.session_id,
-            });
-        };
-        if current.state_version != expected {
-            return Err(StoreError::Conflict {
-                current: Box::new(current.clone()),
-            });
-        }
-        *current = record.clone();
-        Ok(())
+        self.cas(expected, record, None)
+    }
+
+    async fn compare_and_swap_if_dead(
+        &self,
+        expected: StateVersion,
+        record: &SessionRecord,
+        previous_owner: &NodeId,
+    ) -> Result<(), StoreError> {
+        self.cas(expected, record, Some(previous_owner))
     }
 
     async fn list_by_owner(

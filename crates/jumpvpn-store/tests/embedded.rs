@@ -41,6 +41,15 @@ async fn liveness_expiry_is_seen_by_another_node() {
     .await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn failover_write_waits_for_the_owner_lease_to_expire() {
+    let (_dir, s) = store();
+    suite::failover_write_waits_for_the_owner_lease_to_expire(&s, 1_000, || {
+        tokio::time::advance(Duration::from_millis(1_001))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn closed_store_fails_closed_and_mutates_nothing() {
     let (_dir, s) = store();

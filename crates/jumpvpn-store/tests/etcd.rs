@@ -122,6 +122,27 @@ async fn liveness_expiry_is_seen_by_another_node() {
 }
 
 #[tokio::test]
+async fn failover_write_waits_for_the_owner_lease_to_expire() {
+    let cluster = Cluster::start(3).await;
+    let s = connect(&cluster, "/failover/").await;
+    let mut client = raw(&cluster).await;
+    suite::failover_write_waits_for_the_owner_lease_to_expire(&s, 1_000, || async move {
+        // etcd expires the lease: wait until it has deleted the owner's node key.
+        let deadline = Instant::now() + suite::PATIENCE;
+        let count = GetOptions::new().with_prefix().with_count_only();
+        loop {
+            let left = client.get("/failover/nodes/", Some(count.clone())).await;
+            if left.is_ok_and(|r| r.count() == 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node key outlived its lease");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn unavailable_store_fails_closed_and_mutates_nothing() {
     let (cluster, s) = started("/conformance/").await;
     let survivor = 0;

@@ -18,6 +18,14 @@ async fn liveness_expiry_is_seen_by_another_node() {
     .await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn failover_write_waits_for_the_owner_lease_to_expire() {
+    suite::failover_write_waits_for_the_owner_lease_to_expire(&MemoryStore::new(), 1_000, || {
+        tokio::time::advance(Duration::from_millis(1_001))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn unavailable_store_fails_closed_and_mutates_nothing() {
     let s = MemoryStore::new();

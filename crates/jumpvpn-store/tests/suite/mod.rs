@@ -317,6 +317,46 @@ pub async fn liveness_expiry_is_seen_by_another_node<S, F, Fut>(
     assert_eq!(a.keep_alive(lease).await, Err(StoreError::LeaseExpired));
 }
 
+/// A failover's write is refused while the previous owner's lease is live — nothing written —
+/// and applies once the lease has expired (`wait_past_ttl` must let it expire).
+pub async fn failover_write_waits_for_the_owner_lease_to_expire<S, F, Fut>(
+    s: &S,
+    ttl_ms: u64,
+    wait_past_ttl: F,
+) where
+    S: SessionStore + Liveness,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let owner = NodeId::new(format!("owner-{}", unique(11)));
+    let r = record(unique(11), owner.as_str());
+    s.create(&r).await.expect("create");
+    let _lease = s
+        .register(&owner, ttl_ms)
+        .await
+        .expect("register the owner");
+    let mut taken = bumped(&r, 1);
+    taken.owner = NodeId::new("gw-new");
+    taken.owner_epoch = jumpvpn_core::OwnerEpoch(2);
+    match s
+        .compare_and_swap_if_dead(StateVersion(1), &taken, &owner)
+        .await
+    {
+        Err(StoreError::OwnerAlive { node }) => assert_eq!(node, owner),
+        other => panic!("failover over a live lease: {other:?}"),
+    }
+    assert_eq!(
+        s.get(r.session_id).await.expect("get"),
+        Some(r.clone()),
+        "nothing written"
+    );
+    wait_past_ttl().await;
+    s.compare_and_swap_if_dead(StateVersion(1), &taken, &owner)
+        .await
+        .expect("failover after the lease expired");
+    assert_eq!(s.get(r.session_id).await.expect("get"), Some(taken));
+}
+
 /// While the store is unavailable, every call fails with a typed error and changes nothing.
 pub async fn unavailable_store_fails_closed_and_mutates_nothing<S, B, R, BF, RF>(
     s: &S,
