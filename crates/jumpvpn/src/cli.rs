@@ -22,6 +22,10 @@ pub struct Cli {
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print a new private key (X25519, base64), as `wg genkey` does.
+    Genkey,
+    /// Read a private key on standard input and print its public key, as `wg pubkey` does.
+    Pubkey,
     /// Check and read audit streams (the JSONL files that gateways write, one per node).
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(AuditCommand),

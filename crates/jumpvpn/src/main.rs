@@ -6,6 +6,7 @@
 
 mod audit_cmd;
 mod cli;
+mod keys;
 
 use std::process::ExitCode;
 
@@ -17,6 +18,8 @@ fn main() -> ExitCode {
     // Usage errors (and --help, --version) are handled by clap, which exits 2 (or 0) itself.
     let cli = Cli::parse();
     let outcome = match &cli.command {
+        Command::Genkey => keys::genkey(),
+        Command::Pubkey => keys::pubkey(),
         Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
         Command::Audit(AuditCommand::Timeline(args)) => audit_cmd::timeline(args),
     };
