@@ -33,6 +33,7 @@ pub mod policy;
 pub mod reason;
 pub mod record;
 pub mod replay;
+pub mod wire;
 
 pub use audit::{AuditEvent, EventKind};
 pub use ids::{NodeId, OwnerEpoch, SessionId, StateVersion, Timestamp, TransportId};

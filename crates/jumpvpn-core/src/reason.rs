@@ -61,6 +61,8 @@ impl std::error::Error for UnknownCode {}
 
 string_enum! {
     /// The cause of a transition, a rejection or an ownership change.
+    ///
+    /// Append only: a code's position here is its number on the wire (`wire::reason_id`).
     ReasonCode {
         // Transitions.
         /// The handshake completed: BIRTH → ATTACHED.
