@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod crypto;
 pub mod health;
 pub mod ids;
 pub mod machine;

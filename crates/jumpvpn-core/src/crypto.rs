@@ -1,0 +1,218 @@
+//! The cryptographic binding of SPEC §5, without I/O or randomness (keys come in as bytes).
+//!
+//! - **Proof of possession**: a BLAKE2s MAC keyed by the session's master secret over the
+//!   session, nonce, known version and candidate transport of a `REATTACH_REQUEST`, compared in
+//!   constant time.
+//! - **Traffic keys per binding**: derived from (master secret, session, `state_version`,
+//!   `owner_epoch`), one key per direction. A packet sealed under a replaced binding, or by a
+//!   former owner (older epoch), does not open under the current keys: the data plane is fenced
+//!   cryptographically, not only by bookkeeping. Counters restart at 0 with each key pair, so no
+//!   counter is ever stored.
+//! - **Control keys**: derived from (master secret, session), one per direction, so control
+//!   messages (`REDIRECT`, `TERMINATE`, …) stay authenticated across bindings.
+//! - **Sealing**: ChaCha20-Poly1305, the nonce being the 64-bit packet counter (little-endian,
+//!   after four zero bytes), the packet header as associated data.
+//!
+//! Every derivation is a MAC under the master secret with its own label, so no two purposes
+//! ever share a key. Secret bytes are zeroed when dropped and never shown by `Debug`.
+
+use std::fmt;
+
+use blake2::digest::Mac;
+use blake2::Blake2sMac256;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::ids::{OwnerEpoch, SessionId, StateVersion};
+use crate::machine::ProofVerdict;
+use crate::record::Proto;
+use crate::wire::{ReattachRequest, PROOF_LEN, TAG_LEN};
+
+const PROOF_LABEL: &[u8] = b"jumpvpn v1 reattach proof";
+const BINDING_LABEL: &[u8] = b"jumpvpn v1 binding key";
+const CONTROL_LABEL: &[u8] = b"jumpvpn v1 control key";
+const TO_GATEWAY: &[u8] = b"client to gateway";
+const TO_CLIENT: &[u8] = b"gateway to client";
+
+/// A session's master secret: the root of its proofs and keys. Never stored in clear (the
+/// record keeps it sealed), never logged.
+pub struct MasterSecret([u8; 32]);
+
+impl MasterSecret {
+    /// Wraps 32 secret bytes (from the handshake).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The proof a client sends with a reattach.
+    pub fn proof(
+        &self,
+        session: SessionId,
+        nonce: u64,
+        known_version: StateVersion,
+        proto: Proto,
+    ) -> [u8; PROOF_LEN] {
+        let proto = [match proto {
+            Proto::Udp => 1u8,
+            Proto::Tcp => 2,
+        }];
+        self.mac(
+            PROOF_LABEL,
+            &[
+                &session.to_bytes(),
+                &nonce.to_be_bytes(),
+                &known_version.get().to_be_bytes(),
+                &proto,
+            ],
+        )
+    }
+
+    /// Checks a reattach's proof, in constant time.
+    pub fn verify(&self, request: &ReattachRequest) -> ProofVerdict {
+        let expected = Zeroizing::new(self.proof(
+            request.session,
+            request.nonce,
+            request.known_version,
+            request.proto,
+        ));
+        if bool::from(expected.as_slice().ct_eq(&request.proof)) {
+            ProofVerdict::Valid
+        } else {
+            ProofVerdict::Invalid
+        }
+    }
+
+    /// The traffic keys of the binding made at `version` under `epoch`.
+    pub fn binding_keys(
+        &self,
+        session: SessionId,
+        version: StateVersion,
+        epoch: OwnerEpoch,
+    ) -> DirectionalKeys {
+        let context: [&[u8]; 3] = [
+            &session.to_bytes(),
+            &version.get().to_be_bytes(),
+            &epoch.get().to_be_bytes(),
+        ];
+        self.directional(BINDING_LABEL, &context)
+    }
+
+    /// The session's control keys.
+    pub fn control_keys(&self, session: SessionId) -> DirectionalKeys {
+        self.directional(CONTROL_LABEL, &[&session.to_bytes()])
+    }
+
+    fn directional(&self, label: &[u8], context: &[&[u8]]) -> DirectionalKeys {
+        let key = |direction: &[u8]| {
+            let mut parts: Vec<&[u8]> = context.to_vec();
+            parts.push(direction);
+            AeadKey::new(Zeroizing::new(self.mac(label, &parts)))
+        };
+        DirectionalKeys {
+            to_gateway: key(TO_GATEWAY),
+            to_client: key(TO_CLIENT),
+        }
+    }
+
+    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        // BLAKE2s accepts keys of 1 to 32 bytes: a 32-byte key is always valid.
+        let Ok(mut mac) = <Blake2sMac256 as Mac>::new_from_slice(&self.0) else {
+            unreachable!("a 32-byte key is valid for BLAKE2s")
+        };
+        Mac::update(&mut mac, label);
+        for part in parts {
+            // Length-prefixed, so that no two different lists of parts feed the same bytes.
+            Mac::update(&mut mac, &(part.len() as u64).to_be_bytes());
+            Mac::update(&mut mac, part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl Drop for MasterSecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for MasterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterSecret(<redacted>)")
+    }
+}
+
+/// One key per direction.
+#[derive(Debug)]
+pub struct DirectionalKeys {
+    /// Seals what the client sends.
+    pub to_gateway: AeadKey,
+    /// Seals what the gateway sends.
+    pub to_client: AeadKey,
+}
+
+/// A packet did not authenticate (wrong key, tampered, or wrong header or counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenError;
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("packet did not authenticate")
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// A ChaCha20-Poly1305 key. Its `Debug` shows nothing of it.
+pub struct AeadKey {
+    cipher: ChaCha20Poly1305,
+}
+
+impl AeadKey {
+    fn new(key: Zeroizing<[u8; 32]>) -> Self {
+        Self {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(key.as_slice())),
+        }
+    }
+
+    /// Appends `plaintext` sealed under `counter` (which must never repeat under this key) and
+    /// authenticated together with `aad`, then its tag, to `out`.
+    pub fn seal(&self, counter: u64, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let Some(body) = out.get_mut(start..) else {
+            return;
+        };
+        // Encryption fails only for messages longer than ChaCha20's 256 GiB limit, far beyond
+        // a packet; an empty tag would make the packet fail to open, never leak.
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce(counter), aad, body)
+            .unwrap_or_default();
+        out.extend_from_slice(&tag);
+    }
+
+    /// Opens what [`AeadKey::seal`] produced.
+    pub fn open(&self, counter: u64, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let split = sealed.len().checked_sub(TAG_LEN).ok_or(OpenError)?;
+        let (ciphertext, tag) = sealed.split_at(split);
+        let mut plaintext = ciphertext.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(&nonce(counter), aad, &mut plaintext, Tag::from_slice(tag))
+            .map_err(|_| OpenError)?;
+        Ok(plaintext)
+    }
+}
+
+impl fmt::Debug for AeadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AeadKey(<redacted>)")
+    }
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&counter.to_le_bytes());
+    *Nonce::from_slice(&bytes)
+}
