@@ -20,7 +20,8 @@
 //! Modules: [`ids`] (newtypes), [`reason`] (SPEC §10 codes), [`policy`] (§6), [`record`] (§2),
 //! [`machine`] (§3 and §4 steps 5–9), [`health`] (volatility signals), [`replay`] (data and
 //! control anti-replay), [`audit`] (§8 events and the invariant checker), [`ownership`] (§7:
-//! who may carry a session, rendezvous routing, migration, drain and failover).
+//! who may carry a session, rendezvous routing, migration, drain and failover), [`wire`] (§4
+//! codec) and [`crypto`] (§5: proofs, per-binding keys, sealing).
 
 #![forbid(unsafe_code)]
 

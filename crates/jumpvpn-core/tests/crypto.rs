@@ -24,23 +24,24 @@ fn a_proof_verifies_only_with_its_secret_and_its_exact_fields() {
     let master = MasterSecret::from_bytes([1; 32]);
     let good = request(&master);
     assert_eq!(master.verify(&good), ProofVerdict::Valid);
-    let mut changed = Vec::new();
-    changed.push(ReattachRequest {
-        session: SessionId::from_u128(0x1235),
-        ..good
-    });
-    changed.push(ReattachRequest { nonce: 8, ..good });
-    changed.push(ReattachRequest {
-        known_version: StateVersion(13),
-        ..good
-    });
-    changed.push(ReattachRequest {
-        proto: Proto::Udp,
-        ..good
-    });
     let mut forged = good;
     forged.proof[31] ^= 1;
-    changed.push(forged);
+    let changed = [
+        ReattachRequest {
+            session: SessionId::from_u128(0x1235),
+            ..good
+        },
+        ReattachRequest { nonce: 8, ..good },
+        ReattachRequest {
+            known_version: StateVersion(13),
+            ..good
+        },
+        ReattachRequest {
+            proto: Proto::Udp,
+            ..good
+        },
+        forged,
+    ];
     for r in changed {
         assert_eq!(master.verify(&r), ProofVerdict::Invalid, "{r:?}");
     }
