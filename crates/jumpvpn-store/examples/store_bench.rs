@@ -82,20 +82,7 @@ async fn run<S: SessionStore + Clone>(store: &S, writers: u64, seconds: f64, bas
     for t in tasks {
         all.extend(t.await.expect("writer"));
     }
-    let elapsed = start.elapsed();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1_000.0
-    };
-    Run {
-        ops: all.len() as u64,
-        elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    }
+    summarise(all, start.elapsed())
 }
 
 /// Plain etcd-client: per writer one key, each CAS one transaction comparing the key's
@@ -141,16 +128,18 @@ async fn run_raw(endpoints: &[String], writers: u64, seconds: f64, base: u128) -
     for t in tasks {
         all.extend(t.await.expect("writer"));
     }
-    let elapsed = start.elapsed();
-    all.sort_unstable();
+    summarise(all, start.elapsed())
+}
+
+/// Throughput and percentiles from every CAS latency (ns) of a run.
+fn summarise(mut latencies: Vec<u64>, elapsed: Duration) -> Run {
+    latencies.sort_unstable();
     let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1_000.0
+        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(i).copied().unwrap_or(0) as f64 / 1_000.0
     };
     Run {
-        ops: all.len() as u64,
+        ops: latencies.len() as u64,
         elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),

@@ -107,16 +107,7 @@ async fn liveness_expiry_is_seen_by_another_node() {
     let mut client = raw(&cluster).await;
     suite::liveness_expiry_is_seen_by_another_node(&a, &b, 1_000, || async move {
         // The lease is etcd's to expire: wait until etcd has deleted the node's key.
-        let deadline = Instant::now() + suite::PATIENCE;
-        let count = GetOptions::new().with_prefix().with_count_only();
-        loop {
-            let left = client.get("/liveness/nodes/", Some(count.clone())).await;
-            if left.is_ok_and(|r| r.count() == 0) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "node key outlived its lease");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_no_node_keys(&mut client, "/liveness/nodes/").await;
     })
     .await;
 }
@@ -127,17 +118,7 @@ async fn failover_write_waits_for_the_owner_lease_to_expire() {
     let s = connect(&cluster, "/failover/").await;
     let mut client = raw(&cluster).await;
     suite::failover_write_waits_for_the_owner_lease_to_expire(&s, 1_000, || async move {
-        // etcd expires the lease: wait until it has deleted the owner's node key.
-        let deadline = Instant::now() + suite::PATIENCE;
-        let count = GetOptions::new().with_prefix().with_count_only();
-        loop {
-            let left = client.get("/failover/nodes/", Some(count.clone())).await;
-            if left.is_ok_and(|r| r.count() == 0) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "node key outlived its lease");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_no_node_keys(&mut client, "/failover/nodes/").await;
     })
     .await;
 }
@@ -395,6 +376,21 @@ async fn a_stale_revision_cache_never_lets_a_write_through() {
         .await
         .expect("a, now current, writes version 3");
     assert_eq!(b.get(r1.session_id).await.expect("get"), Some(r3));
+}
+
+/// Waits (bounded) until etcd has deleted every node key under `prefix`: leases are etcd's to
+/// expire.
+async fn wait_until_no_node_keys(client: &mut Client, prefix: &str) {
+    let deadline = Instant::now() + suite::PATIENCE;
+    let count = GetOptions::new().with_prefix().with_count_only();
+    loop {
+        let left = client.get(prefix, Some(count.clone())).await;
+        if left.is_ok_and(|r| r.count() == 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node key outlived its lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn record(id: u128, owner: &str) -> SessionRecord {
