@@ -6,50 +6,22 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use jumpvpn_core::audit::check::{verify, Source};
 use jumpvpn_core::machine::{apply, Context, Outcome, ProofVerdict, ReattachAttempt, SessionEvent};
-use jumpvpn_core::record::{NewSession, SealedSecret};
 use jumpvpn_core::replay::{ReplayWindow, Verdict};
-use jumpvpn_core::{
-    Candidate, NodeId, Policy, Proto, ReasonCode, SessionId, SessionRecord, StateVersion,
-    Timestamp, TransportId,
-};
+use jumpvpn_core::{NodeId, Policy, ReasonCode, SessionRecord, Timestamp};
 
-const T0: Timestamp = Timestamp(1_700_000_000_000);
+// The fixtures of the core's tests: T0, candidate, birth, commit.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-fn candidate(id: u64) -> Candidate {
-    Candidate {
-        transport_id: TransportId(id),
-        proto: Proto::Udp,
-        client_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 40_000),
-        gateway_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 51_820),
-    }
-}
-
-fn commit(rec: &SessionRecord, ev: SessionEvent, node: &NodeId, now: Timestamp) -> SessionRecord {
-    match apply(rec, &ev, &Context { now, node }) {
-        Outcome::Commit(c) => c.record,
-        other => panic!("not committed: {other:?}"),
-    }
-}
+use common::{birth, candidate, commit, T0};
 
 fn session(id: u128, node: &NodeId) -> SessionRecord {
-    let birth = SessionRecord::birth(
-        NewSession {
-            session_id: SessionId::from_u128(id),
-            owner: node.clone(),
-            client_key: [7; 32],
-            tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-            policy: Policy::default(),
-            secrets: SealedSecret::new(vec![0xAA; 48]),
-        },
-        T0,
-    );
     commit(
-        &birth,
+        &birth(id, node, Policy::default(), T0),
         SessionEvent::HandshakeOk {
             candidate: candidate(1),
         },
@@ -158,17 +130,7 @@ fn two_node_stream(sessions: u128) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
                 }
                 other => panic!("not committed: {other:?}"),
             };
-        let birth = SessionRecord::birth(
-            NewSession {
-                session_id: SessionId::from_u128(id),
-                owner: gw1.clone(),
-                client_key: [7; 32],
-                tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-                policy: Policy::default(),
-                secrets: SealedSecret::new(vec![0xAA; 48]),
-            },
-            now,
-        );
+        let birth = birth(id, &gw1, Policy::default(), now);
         let mut rec = step(
             &birth,
             SessionEvent::HandshakeOk {
@@ -252,7 +214,6 @@ fn audit_verify(c: &mut Criterion) {
         );
     });
     group.finish();
-    let _ = StateVersion(0);
 }
 
 criterion_group!(benches, transition, replay_window, audit_verify);

@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 
 use crate::audit::{AuditEvent, EventKind};
-use crate::ids::{NodeId, OwnerEpoch, StateVersion, Timestamp, TransportId};
+use crate::ids::{NodeId, OwnerEpoch, StateVersion, Timestamp};
 use crate::reason::{ReasonCode, ViolationType};
 use crate::record::{Candidate, SessionRecord, SessionState, Termination};
 use crate::replay::control_nonce_is_fresh;
@@ -898,9 +898,4 @@ impl<'r, 'c> Draft<'r, 'c> {
             refusal,
         })
     }
-}
-
-/// The transport a record is bound to, if any.
-pub fn bound_transport(record: &SessionRecord) -> Option<TransportId> {
-    record.binding.map(|b| b.transport_id)
 }

@@ -11,13 +11,9 @@
 //! do it). Both etcd variants run against one 3-member etcd cluster started on loopback for the
 //! run (the test harness: data on `/dev/shm`). Default: all four.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use jumpvpn_core::record::{NewSession, SealedSecret};
-use jumpvpn_core::{
-    NodeId, OwnerEpoch, Policy, SessionId, SessionRecord, SessionState, StateVersion, Timestamp,
-};
+use jumpvpn_core::{SessionRecord, StateVersion};
 use jumpvpn_store::embedded::EmbeddedStore;
 use jumpvpn_store::etcd::{EtcdStore, EtcdTimeouts};
 use jumpvpn_store::memory::MemoryStore;
@@ -28,22 +24,12 @@ mod etcd_cluster;
 
 const WRITERS: [u64; 3] = [1, 16, 64];
 
+// The conformance suite's record (version 1, ATTACHED), so the bench writes what the tests do.
+#[path = "../tests/suite/mod.rs"]
+mod suite;
+
 fn record(id: u128) -> SessionRecord {
-    let mut r = SessionRecord::birth(
-        NewSession {
-            session_id: SessionId::from_u128(id),
-            owner: NodeId::new("gw1"),
-            client_key: [3; 32],
-            tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9)),
-            policy: Policy::default(),
-            secrets: SealedSecret::new(vec![0x5A; 48]),
-        },
-        Timestamp(1_700_000_000_000),
-    );
-    r.state = SessionState::Attached;
-    r.state_version = StateVersion(1);
-    r.owner_epoch = OwnerEpoch(1);
-    r
+    suite::record(id, "gw1")
 }
 
 /// One run's result.

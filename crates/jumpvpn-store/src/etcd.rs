@@ -365,22 +365,11 @@ impl EtcdStore {
         lost: &str,
         deadline: Instant,
     ) -> Decided {
-        let mut attempt = 0u32;
-        let mut last = String::new();
+        let mut resolution = Resolution::new(session, lost, deadline);
         loop {
-            if attempt > 0 && !pace(attempt, deadline).await {
-                return Decided::Answer(StoreError::CommitUnknown {
-                    session,
-                    detail: format!("{lost}; could not learn the outcome: {last}"),
-                });
-            }
-            attempt += 1;
-            let current = match self.read(key).await {
+            let current = match resolution.read(self, key).await {
                 Ok(current) => current,
-                Err(e) => {
-                    last = e.detail;
-                    continue;
-                }
+                Err(unknown) => return unknown,
             };
             if let Some(kv) = current.as_ref().filter(|kv| kv.mod_revision() == read_rev) {
                 // Nothing has changed since our read, so our write has not applied — yet. Put
@@ -402,7 +391,7 @@ impl EtcdStore {
                     Err(e) => {
                         // Even if this fence applied, the next round sees a changed key and
                         // reads the history, where the fence shows up as someone else's write.
-                        last = e.detail;
+                        resolution.failed(e.detail);
                         continue;
                     }
                 }
@@ -434,7 +423,7 @@ impl EtcdStore {
                         ),
                     })
                 }
-                Err(e) => last = e.detail,
+                Err(e) => resolution.failed(e.detail),
             }
         }
     }
@@ -452,22 +441,11 @@ impl EtcdStore {
         lost: &str,
         deadline: Instant,
     ) -> Decided {
-        let mut attempt = 0u32;
-        let mut last = String::new();
+        let mut resolution = Resolution::new(session, lost, deadline);
         loop {
-            if attempt > 0 && !pace(attempt, deadline).await {
-                return Decided::Answer(StoreError::CommitUnknown {
-                    session,
-                    detail: format!("{lost}; could not learn the outcome: {last}"),
-                });
-            }
-            attempt += 1;
-            let kv = match self.read(key).await {
+            let kv = match resolution.read(self, key).await {
                 Ok(kv) => kv,
-                Err(e) => {
-                    last = e.detail;
-                    continue;
-                }
+                Err(unknown) => return unknown,
             };
             let Some(kv) = kv else {
                 // Not stored (yet). Move the fence key on, under the same compares as the
@@ -502,7 +480,7 @@ impl EtcdStore {
                         _ => continue,
                     },
                     Err(e) => {
-                        last = e.detail;
+                        resolution.failed(e.detail);
                         continue;
                     }
                 }
@@ -528,7 +506,7 @@ impl EtcdStore {
                         detail: format!("{lost}; the creation of {key} is not in the history"),
                     })
                 }
-                Err(e) => last = e.detail,
+                Err(e) => resolution.failed(e.detail),
             }
         }
     }
@@ -721,6 +699,51 @@ impl EtcdStore {
         Err(StoreError::unavailable(format!(
             "compare-and-swap {key}: no definite outcome after {MAX_WRITE_ROUNDS} attempts"
         )))
+    }
+}
+
+/// The paced re-reads of one lost write's resolution: each [`Resolution::read`] waits its turn
+/// (backing off) and reads the key again, until the resolve deadline, after which the outcome
+/// is [`StoreError::CommitUnknown`] naming the last failure.
+struct Resolution<'a> {
+    session: SessionId,
+    lost: &'a str,
+    deadline: Instant,
+    attempt: u32,
+    last: String,
+}
+
+impl<'a> Resolution<'a> {
+    fn new(session: SessionId, lost: &'a str, deadline: Instant) -> Self {
+        Self {
+            session,
+            lost,
+            deadline,
+            attempt: 0,
+            last: String::new(),
+        }
+    }
+
+    /// The key as it is now, or the final answer when time is up.
+    async fn read(&mut self, store: &EtcdStore, key: &str) -> Result<Option<KeyValue>, Decided> {
+        loop {
+            if self.attempt > 0 && !pace(self.attempt, self.deadline).await {
+                return Err(Decided::Answer(StoreError::CommitUnknown {
+                    session: self.session,
+                    detail: format!("{}; could not learn the outcome: {}", self.lost, self.last),
+                }));
+            }
+            self.attempt += 1;
+            match store.read(key).await {
+                Ok(kv) => return Ok(kv),
+                Err(e) => self.last = e.detail,
+            }
+        }
+    }
+
+    /// Notes why a step of this round failed; the next read tries again.
+    fn failed(&mut self, detail: String) {
+        self.last = detail;
     }
 }
 

@@ -50,53 +50,7 @@ async fn raw(cluster: &Cluster) -> Client {
 // ---------------------------------------------------------------------------------------------
 // The conformance suite.
 
-#[tokio::test]
-async fn create_twice_is_refused_with_the_stored_record() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::create_twice_is_refused_with_the_stored_record(&s).await;
-}
-
-#[tokio::test]
-async fn cas_applies_only_on_the_expected_version() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::cas_applies_only_on_the_expected_version(&s).await;
-}
-
-#[tokio::test]
-async fn cas_on_a_missing_session_is_not_found() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::cas_on_a_missing_session_is_not_found(&s).await;
-}
-
-#[tokio::test]
-async fn malformed_requests_are_refused_without_writing() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::malformed_requests_are_refused_without_writing(&s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_racers_have_exactly_one_winner_per_version() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::racers_have_exactly_one_winner_per_version(&s, 16, 200).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousands_of_sessions_in_parallel() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::thousands_of_sessions_in_parallel(&s, 2_000, 16).await;
-}
-
-#[tokio::test]
-async fn list_by_owner_pages_in_id_order() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::list_by_owner_pages_in_id_order(&s).await;
-}
-
-#[tokio::test]
-async fn remove_terminated_keeps_live_and_recent_sessions() {
-    let (_cluster, s) = started("/conformance/").await;
-    suite::remove_terminated_keeps_live_and_recent_sessions(&s).await;
-}
+conformance_tests!(started("/conformance/").await);
 
 #[tokio::test]
 async fn liveness_expiry_is_seen_by_another_node() {

@@ -964,20 +964,9 @@ where
         checker.feed(event, file, line);
         checker.drain_violations().for_each(|v| sink(&v));
     })?;
-    checker.finish();
+    let summary = checker.finish();
     checker.drain_violations().for_each(|v| sink(&v));
-    Ok(checker.finish_summary())
-}
-
-impl Checker {
-    fn finish_summary(&self) -> Summary {
-        Summary {
-            events: self.events,
-            sessions: self.sessions.len(),
-            violations: self.violation_count,
-            dropped: self.dropped,
-        }
-    }
+    Ok(summary)
 }
 
 /// The k-way merge by `(ts_ms, stream, line)`: holds one parsed event per stream.
