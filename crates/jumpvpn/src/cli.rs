@@ -26,6 +26,15 @@ pub enum Command {
     Genkey,
     /// Read a private key on standard input and print its public key, as `wg pubkey` does.
     Pubkey,
+    /// Run a gateway in the foreground; SIGTERM drains its sessions, then exits.
+    Gateway(ConfigArgs),
+    /// Run a client in the foreground.
+    Client(ConfigArgs),
+    /// A self-contained local demonstration: two network namespaces, a gateway and a client,
+    /// and three path changes under a live ping and TCP stream (needs root).
+    Demo(DemoArgs),
+    /// Print the sessions of a gateway as a table.
+    Status(AdminArgs),
     /// Check and read audit streams (the JSONL files that gateways write, one per node).
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(AuditCommand),
@@ -94,4 +103,28 @@ pub struct TimelineArgs {
     /// Audit streams (JSONL) to search, typically one per node.
     #[arg(value_name = "FILE", required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// Arguments of `jumpvpn gateway` and `jumpvpn client`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The configuration file (TOML, SPEC §9).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Arguments of the commands that talk to a gateway's admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The gateway's admin API.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:51900")]
+    pub admin: String,
+}
+
+/// Arguments of `jumpvpn demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's directory (configurations, keys, audit logs) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
 }

@@ -4,15 +4,12 @@
 //! documented exit code: 0 success, 1 a check found violations, 2 usage or configuration error.
 //! Errors are printed once, here, as `jumpvpn: <what went wrong>`.
 
-mod audit_cmd;
-mod cli;
-mod keys;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{AuditCommand, Cli, Command};
+use jumpvpn::cli::{AuditCommand, Cli, Command};
+use jumpvpn::{audit_cmd, client, demo, gateway, keys, status};
 
 fn main() -> ExitCode {
     // Usage errors (and --help, --version) are handled by clap, which exits 2 (or 0) itself.
@@ -20,6 +17,10 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
+        Command::Gateway(args) => gateway::run(args),
+        Command::Client(args) => client::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Status(args) => status::run(args),
         Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
         Command::Audit(AuditCommand::Timeline(args)) => audit_cmd::timeline(args),
     };
@@ -29,26 +30,6 @@ fn main() -> ExitCode {
             // `{:#}` prints the chain on one line: "cannot open FILE: No such file …".
             eprintln!("jumpvpn: {error:#}");
             ExitCode::from(2)
-        }
-    }
-}
-
-/// How a command that ran to its end went. (A command that could not run returns an error,
-/// which is exit code 2.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    /// Exit 0.
-    Success,
-    /// Exit 1: a check found what it looks for (violations, or nothing to show).
-    Findings,
-}
-
-impl Status {
-    /// The process exit code of SPEC §9.
-    pub fn exit_code(self) -> ExitCode {
-        match self {
-            Status::Success => ExitCode::SUCCESS,
-            Status::Findings => ExitCode::from(1),
         }
     }
 }

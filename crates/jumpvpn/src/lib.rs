@@ -1,0 +1,39 @@
+//! Jumping VPN: the drivers, configuration, admin API and commands behind the `jumpvpn`
+//! binary (SPEC §9). The protocol itself is the sans-IO `jumpvpn-core`; the stores are
+//! `jumpvpn-store`.
+
+pub mod admin;
+pub mod audit_cmd;
+pub mod audit_log;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod keys;
+pub mod metrics;
+pub mod netns;
+pub mod status;
+pub mod tun;
+
+use std::process::ExitCode;
+
+/// How a command that ran to its end went. (A command that could not run returns an error,
+/// which is exit code 2.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Exit 0.
+    Success,
+    /// Exit 1: a check found what it looks for (violations, or nothing to show).
+    Findings,
+}
+
+impl Status {
+    /// The process exit code of SPEC §9.
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Status::Success => ExitCode::SUCCESS,
+            Status::Findings => ExitCode::from(1),
+        }
+    }
+}
