@@ -27,7 +27,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::ids::{OwnerEpoch, SessionId, StateVersion};
 use crate::machine::ProofVerdict;
-use crate::record::Proto;
+use crate::record::{Proto, SealedSecret};
 use crate::wire::{ReattachRequest, PROOF_LEN, TAG_LEN};
 
 const PROOF_LABEL: &[u8] = b"jumpvpn v1 reattach proof";
@@ -35,6 +35,8 @@ const BINDING_LABEL: &[u8] = b"jumpvpn v1 binding key";
 const CONTROL_LABEL: &[u8] = b"jumpvpn v1 control key";
 const TO_GATEWAY: &[u8] = b"client to gateway";
 const TO_CLIENT: &[u8] = b"gateway to client";
+const KEK_LABEL: &[u8] = b"jumpvpn v1 key-encryption key";
+const SEAL_LABEL: &[u8] = b"jumpvpn v1 sealed master secret";
 
 /// A session's master secret: the root of its proofs and keys. Never stored in clear (the
 /// record keeps it sealed), never logged.
@@ -134,6 +136,55 @@ impl MasterSecret {
 impl Drop for MasterSecret {
     fn drop(&mut self) {
         self.0.zeroize();
+    }
+}
+
+/// The key-encryption key that seals master secrets at rest (SPEC §5). Each session's secret is
+/// sealed under its own subkey (derived from the session ID), so the single seal of each
+/// session never shares a (key, nonce) pair with another.
+pub struct Kek(MasterSecret);
+
+impl Kek {
+    /// The key-encryption key of a gateway, derived from its configured private key, so that
+    /// every node of a cluster (which shares one gateway identity) can open what another sealed.
+    pub fn derive(gateway_private: &[u8; 32]) -> Self {
+        Self(MasterSecret(
+            MasterSecret(*gateway_private).mac(KEK_LABEL, &[]),
+        ))
+    }
+
+    /// Seals a session's master secret for the store.
+    pub fn seal(&self, session: SessionId, master: &MasterSecret) -> SealedSecret {
+        let mut out = Vec::with_capacity(32 + TAG_LEN);
+        self.subkey(session)
+            .seal(0, &session.to_bytes(), &master.0, &mut out);
+        SealedSecret::new(out)
+    }
+
+    /// Opens what [`Kek::seal`] sealed for the same session.
+    pub fn open(
+        &self,
+        session: SessionId,
+        sealed: &SealedSecret,
+    ) -> Result<MasterSecret, OpenError> {
+        let plain = Zeroizing::new(
+            self.subkey(session)
+                .open(0, &session.to_bytes(), &sealed.0)?,
+        );
+        let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| OpenError)?;
+        Ok(MasterSecret(bytes))
+    }
+
+    fn subkey(&self, session: SessionId) -> AeadKey {
+        AeadKey::new(Zeroizing::new(
+            self.0.mac(SEAL_LABEL, &[&session.to_bytes()]),
+        ))
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kek(<redacted>)")
     }
 }
 
