@@ -27,6 +27,7 @@
 
 pub mod audit;
 pub mod crypto;
+pub mod endpoint;
 pub mod handshake;
 pub mod health;
 pub mod ids;
