@@ -15,7 +15,7 @@
 //! `Deserialize`: serde's errors do not say which key of which array element they are about,
 //! and the walk always knows. Array elements are counted from zero (`peer[0]` is the first
 //! `[[peer]]`). The `[policy]` table is the core's [`Policy`], whose key list and types come
-//! from its own serde definition (see [`parse_policy`]), so a knob added there is accepted here
+//! from its own serde definition (see `parse_policy`), so a knob added there is accepted here
 //! without a change.
 //!
 //! Relative paths in a file (`private_key_file`, `audit_log`, `admin.token_file`, `store.path`)
