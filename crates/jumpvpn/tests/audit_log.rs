@@ -274,3 +274,23 @@ fn opening_in_a_missing_directory_names_the_path() {
     let message = format!("{error:#}");
     assert!(message.contains(&path.display().to_string()), "{message}");
 }
+
+#[test]
+fn metrics_report_the_audit_writers_losses() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("audit.jsonl");
+    let events = session_life(1);
+    let (log, writer) = AuditLog::open(&path, node(), 1).expect("opens");
+    let metrics = jumpvpn::metrics::Metrics::new(node());
+    assert_eq!(metrics.audit_dropped_total(), 0);
+    metrics.attach_audit_log(log.clone());
+    log.pause_writer_for_test(true);
+    for event in events.iter().take(4) {
+        log.emit(event.clone());
+    }
+    assert_eq!(metrics.audit_dropped_total(), 3);
+    assert!(metrics
+        .render()
+        .contains("\njumpvpn_audit_dropped_total{node=\"gw1\"} 3\n"));
+    writer.close().expect("closes cleanly");
+}
