@@ -1,8 +1,10 @@
 //! The admin API (SPEC §9) served on a real socket, with a fake gateway task behind its
-//! channel that answers from an in-memory map and counts what reaches it.
+//! channel that answers from an in-memory map and counts what reaches it; and `jumpvpn status`
+//! against it, as a library call and as the binary.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +13,7 @@ use base64::Engine as _;
 use jumpvpn::admin::{serve, AdminError, AdminRequest, AdminState, SessionList, SessionView};
 use jumpvpn::admin_client::{AdminClient, Response};
 use jumpvpn::metrics::Metrics;
+use jumpvpn::status;
 use jumpvpn_core::record::{NewSession, SealedSecret, Termination};
 use jumpvpn_core::{
     Binding, NodeId, OwnerEpoch, Policy, Proto, ReasonCode, SessionId, SessionRecord, SessionState,
@@ -531,4 +534,111 @@ fn a_gateway_that_is_gone_is_503() {
     assert!(error_of(&response).contains("gateway"));
     // Health does not depend on the gateway task.
     assert_eq!(h.get("/healthz").status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// jumpvpn status
+
+#[test]
+fn status_renders_a_table_of_the_sessions() {
+    let h = Harness::start(Some(TOKEN));
+    let list = status::fetch(&h.client()).expect("the list");
+    let table = status::render_table(&list.sessions, T0 + 312_000);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "SESSION",
+            "STATE",
+            "VERSION",
+            "EPOCH",
+            "OWNER",
+            "PROTO",
+            "CLIENT",
+            "TUNNEL_IP",
+            "AGE"
+        ]
+    );
+    let attached: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        attached,
+        [
+            ATTACHED,
+            "ATTACHED",
+            "3",
+            "1",
+            "gw1",
+            "udp",
+            "192.0.2.7:40000",
+            "10.77.0.2",
+            "5m12s"
+        ]
+    );
+    let recovering: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        recovering,
+        [
+            RECOVERING,
+            "RECOVERING*",
+            "5",
+            "2",
+            "gw1",
+            "-",
+            "-",
+            "10.77.0.3",
+            "5m12s"
+        ]
+    );
+    // Aligned, the last column to the right: every row is as wide as the header.
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
+    assert!(!table.contains(" \n"), "trailing spaces: {table:?}");
+}
+
+#[test]
+fn status_binary_prints_the_table_and_exits_0() {
+    let h = Harness::start(Some(TOKEN));
+    let out = Command::new(env!("CARGO_BIN_EXE_jumpvpn"))
+        .args(["status", "--admin", &h.url])
+        .output()
+        .expect("run jumpvpn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    assert!(stdout.starts_with("SESSION "), "{stdout}");
+    for needle in [ATTACHED, "ATTACHED", RECOVERING, "RECOVERING*"] {
+        assert!(stdout.contains(needle), "{needle} missing from {stdout}");
+    }
+}
+
+#[test]
+fn status_binary_names_the_unreachable_url_and_exits_2() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_jumpvpn"))
+        .args(["status", "--admin", &url])
+        .output()
+        .expect("run jumpvpn");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("jumpvpn: cannot reach admin API at {url}: ")),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_jumpvpn"))
+        .args(["status", "--admin", "https://127.0.0.1:51900"])
+        .output()
+        .expect("run jumpvpn");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid admin URL \"https://127.0.0.1:51900\""),
+        "{stderr}"
+    );
 }
