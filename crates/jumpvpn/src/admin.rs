@@ -577,6 +577,24 @@ mod tests {
     }
 
     #[test]
+    fn token_files_are_trimmed_and_errors_name_the_file_not_the_content() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "  tok-123\n").expect("writable");
+        assert_eq!(read_token_file(&path).expect("reads"), "tok-123");
+
+        for bad in ["\n", "two words-secretish\n"] {
+            std::fs::write(&path, bad).expect("writable");
+            let message = format!("{:#}", read_token_file(&path).expect_err(bad));
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(!message.contains("secretish"), "{message}");
+        }
+        let missing = dir.path().join("missing.token");
+        let message = format!("{:#}", read_token_file(&missing).expect_err("missing"));
+        assert!(message.contains("missing.token"), "{message}");
+    }
+
+    #[test]
     fn debug_of_the_state_hides_the_token() {
         let (tx, _rx) = mpsc::channel(1);
         let state = AdminState::new(
