@@ -3,6 +3,7 @@
 //! `jumpvpn-store`.
 
 pub mod admin;
+pub mod admin_client;
 pub mod audit_cmd;
 pub mod audit_log;
 pub mod cli;
