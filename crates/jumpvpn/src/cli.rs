@@ -35,6 +35,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print the sessions of a gateway as a table.
     Status(AdminArgs),
+    /// Instruments for the demo and the end-to-end tests.
+    #[command(subcommand, hide = true)]
+    Debug(crate::debug_cmd::DebugCommand),
     /// Check and read audit streams (the JSONL files that gateways write, one per node).
     #[command(subcommand, after_help = EXIT_CODES)]
     Audit(AuditCommand),

@@ -1,9 +1,464 @@
-//! `jumpvpn gateway` (being written).
+//! `jumpvpn gateway --config FILE`: the tokio driver around the sans-IO gateway endpoint.
+//!
+//! One task owns the endpoint and feeds it, in arrival order: UDP datagrams, TCP frames (a
+//! reader task per connection, frames are a 2-byte big-endian length and the packet), IP
+//! packets from the TUN device, the outcomes of store requests (each request runs on its own
+//! task, so a slow store never stalls the data plane), admin requests and timers. After each
+//! input it drains the endpoint's outputs. The audit log is written by its own thread through a
+//! bounded queue (SPEC §8), so the data path never waits on a disk.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use jumpvpn_core::endpoint::gateway::{
+    Gateway, GatewayConfig as EndpointConfig, GatewayOutput, Peer, StoreFailure, StoreOp,
+    StoreOutcome, StoreRequest,
+};
+use jumpvpn_core::endpoint::{Path, Transmit};
+use jumpvpn_core::{NodeId, Proto, ReasonCode, SessionId, Timestamp};
+use jumpvpn_store::embedded::EmbeddedStore;
+use jumpvpn_store::etcd::{EtcdStore, EtcdTimeouts};
+use jumpvpn_store::memory::MemoryStore;
+use jumpvpn_store::{SessionStore, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use zeroize::Zeroizing;
+
+use crate::admin::{self, AdminError, AdminRequest, AdminState, SessionView};
+use crate::audit_log::AuditLog;
 use crate::cli::ConfigArgs;
-use crate::Status;
+use crate::config::{self, GatewayConfig, StoreConfig};
+use crate::metrics::Metrics;
+use crate::{tun, Status};
 
-/// Runs `jumpvpn gateway --config FILE`.
-pub fn run(_args: &ConfigArgs) -> anyhow::Result<Status> {
-    anyhow::bail!("gateway: not built yet")
+/// Largest frame on a TCP transport (the length prefix is 16 bits).
+const MAX_FRAME: usize = u16::MAX as usize;
+/// Frames queued for one TCP connection before new ones are dropped (as a full UDP socket
+/// buffer would drop them).
+const TCP_QUEUE: usize = 1024;
+/// Audit events queued before the writer counts them as lost (SPEC §8).
+const AUDIT_QUEUE: usize = 65_536;
+
+/// Runs `jumpvpn gateway --config FILE` until SIGTERM or SIGINT.
+pub fn run(args: &ConfigArgs) -> anyhow::Result<Status> {
+    let config = config::load_gateway(&args.config).map_err(crate::usage_error)?;
+    crate::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match config.store.clone() {
+            StoreConfig::Embedded { path } => {
+                let store = EmbeddedStore::open(&path)
+                    .with_context(|| format!("cannot open store {}", path.display()))?;
+                serve(config, Arc::new(store)).await
+            }
+            StoreConfig::Memory => serve(config, Arc::new(MemoryStore::new())).await,
+            StoreConfig::Etcd { endpoints, prefix } => {
+                let store = EtcdStore::connect(&endpoints, &prefix, EtcdTimeouts::default())
+                    .await
+                    .context("cannot connect to etcd")?;
+                serve(config, Arc::new(store)).await
+            }
+        }
+    })?;
+    Ok(Status::Success)
+}
+
+/// What the per-connection and per-request tasks tell the main task.
+enum Input {
+    TcpOpened {
+        path: Path,
+        writer: mpsc::Sender<Vec<u8>>,
+    },
+    TcpFrame {
+        path: Path,
+        bytes: Vec<u8>,
+    },
+    TcpClosed {
+        path: Path,
+    },
+    Store {
+        id: u64,
+        outcome: StoreOutcome,
+    },
+}
+
+/// Milliseconds since the Unix epoch, from a monotonic clock anchored once at start (so timers
+/// never see the wall clock jump).
+#[derive(Clone, Copy)]
+pub(crate) struct Clock {
+    start: Instant,
+    start_ms: u64,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        let start_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            start: Instant::now(),
+            start_ms,
+        }
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.start_ms.saturating_add(elapsed))
+    }
+
+    /// The instant at which `at` falls.
+    pub(crate) fn instant(&self, at: Timestamp) -> tokio::time::Instant {
+        let ms = at.as_millis().saturating_sub(self.start_ms);
+        tokio::time::Instant::from_std(self.start + std::time::Duration::from_millis(ms))
+    }
+}
+
+async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow::Result<()> {
+    let node = config.node_id.clone();
+    let udp = UdpSocket::bind(config.listen_udp)
+        .await
+        .with_context(|| format!("listen_udp: cannot bind {}", config.listen_udp))?;
+    let tcp = TcpListener::bind(config.listen_tcp)
+        .await
+        .with_context(|| format!("listen_tcp: cannot bind {}", config.listen_tcp))?;
+    let udp_local = udp.local_addr()?;
+    let tun = tun::open(
+        &config.tunnel.name,
+        config.tunnel.address,
+        config.tunnel.prefix_len,
+        tun::DEFAULT_MTU,
+    )?;
+    let (audit, audit_writer) = AuditLog::open(&config.audit_log, node.clone(), AUDIT_QUEUE)
+        .with_context(|| format!("audit_log: cannot open {}", config.audit_log.display()))?;
+    let metrics = Arc::new(Metrics::new(node.clone()));
+    metrics.attach_audit_log(audit.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (admin_tx, mut admin_rx) = mpsc::channel::<AdminRequest>(64);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    if let Some(admin_config) = &config.admin {
+        let listener = TcpListener::bind(admin_config.listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot bind {}", admin_config.listen))?;
+        let state = AdminState::new(
+            admin_tx.clone(),
+            metrics.clone(),
+            ready.clone(),
+            admin_config.token.as_ref().map(|t| t.as_str().to_owned()),
+            node.clone(),
+        );
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(error) = admin::serve(listener, state, shutdown).await {
+                tracing::error!("admin API stopped: {error}");
+            }
+        });
+    }
+
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice()).context("no operating-system randomness")?;
+    let mut gateway = Gateway::new(EndpointConfig {
+        node: node.clone(),
+        private_key: Zeroizing::new(config.private_key.secret().to_bytes()),
+        policy: config.policy.clone(),
+        peers: config
+            .peers
+            .iter()
+            .map(|p| Peer {
+                public_key: p.public_key,
+                tunnel_ip: p.tunnel_ip,
+            })
+            .collect(),
+        seed: *seed,
+    });
+
+    let (input_tx, mut input_rx) = mpsc::channel::<Input>(4096);
+    let tcp_local = tcp.local_addr()?;
+    {
+        let input_tx = input_tx.clone();
+        tokio::spawn(accept_loop(tcp, tcp_local, input_tx));
+    }
+
+    let clock = Clock::new();
+    let mut tcp_writers: HashMap<Path, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut udp_buf = vec![0u8; MAX_FRAME];
+    let mut tun_buf = vec![0u8; MAX_FRAME];
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        "gateway {node} listening on udp {udp_local} and tcp {tcp_local}, tunnel {}",
+        config.tunnel.name
+    );
+
+    loop {
+        let deadline = gateway
+            .poll_timeout()
+            .map(|t| clock.instant(t))
+            .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        tokio::select! {
+            received = udp.recv_from(&mut udp_buf) => {
+                if let Ok((len, from)) = received {
+                    let path = Path { proto: Proto::Udp, remote: from, local: udp_local };
+                    gateway.handle_packet(clock.now(), path, &udp_buf[..len]);
+                }
+            }
+            read = tun.recv(&mut tun_buf) => {
+                match read {
+                    Ok(len) => gateway.handle_tun(clock.now(), &tun_buf[..len]),
+                    Err(error) => tracing::warn!("tun read failed: {error}"),
+                }
+            }
+            Some(input) = input_rx.recv() => match input {
+                Input::TcpOpened { path, writer } => { tcp_writers.insert(path, writer); }
+                Input::TcpFrame { path, bytes } => gateway.handle_packet(clock.now(), path, &bytes),
+                Input::TcpClosed { path } => {
+                    tcp_writers.remove(&path);
+                    gateway.handle_closed(clock.now(), path);
+                }
+                Input::Store { id, outcome } => gateway.handle_store(clock.now(), id, outcome),
+            },
+            Some(request) = admin_rx.recv() => answer_admin(&mut gateway, clock.now(), request),
+            () = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); break; }
+        }
+        while let Some(output) = gateway.poll_output() {
+            match output {
+                GatewayOutput::Transmit(Transmit { path, bytes }) => match path.proto {
+                    Proto::Udp => {
+                        // A full socket buffer drops the datagram, as the network would.
+                        let _ = udp.try_send_to(&bytes, path.remote);
+                    }
+                    Proto::Tcp => {
+                        if let Some(writer) = tcp_writers.get(&path) {
+                            let _ = writer.try_send(bytes);
+                        }
+                    }
+                },
+                GatewayOutput::Tun(packet) => {
+                    if let Err(error) = tun.send(&packet).await {
+                        tracing::debug!("tun write failed: {error}");
+                    }
+                }
+                GatewayOutput::Store(request) => {
+                    spawn_store_request(store.clone(), *request, input_tx.clone());
+                }
+                GatewayOutput::Audit(event) => audit.emit(event),
+                GatewayOutput::Close(path) => {
+                    tcp_writers.remove(&path);
+                }
+            }
+        }
+        observe(&metrics, &gateway);
+    }
+
+    ready.store(false, Ordering::SeqCst);
+    let _ = stop_tx.send(());
+    drop(audit);
+    if let Err(error) = audit_writer.close() {
+        tracing::error!("audit log: {error}");
+    }
+    tracing::info!("gateway {node} stopped");
+    Ok(())
+}
+
+/// Copies the endpoint's counters into the metrics (cheap: a handful of atomic stores).
+fn observe(metrics: &Metrics, gateway: &Gateway) {
+    let stats = gateway.stats();
+    let set = |counter: &crate::metrics::Counter, value: u64| {
+        let current = counter.get();
+        if value > current {
+            counter.add(value - current);
+        }
+    };
+    metrics.sessions_active.set(gateway.session_count() as u64);
+    set(&metrics.handshakes_total, stats.handshakes);
+    set(
+        &metrics.handshakes_rejected_total,
+        stats.handshakes_rejected,
+    );
+    set(&metrics.reattach_accepted_total, stats.reattach_accepted);
+    set(&metrics.packets_rx_total, stats.data_in);
+    set(&metrics.packets_tx_total, stats.data_out);
+    set(&metrics.malformed_dropped_total, stats.malformed);
+    set(&metrics.replay_dropped_total, stats.replayed);
+    set(&metrics.auth_failed_total, stats.auth_failed);
+    set(&metrics.tun_dropped_total, stats.tun_dropped);
+    set(&metrics.store_errors_total, stats.store_failures);
+}
+
+fn answer_admin(gateway: &mut Gateway, now: Timestamp, request: AdminRequest) {
+    match request {
+        AdminRequest::ListSessions { reply } => {
+            let mut list: Vec<SessionView> = gateway.sessions().map(SessionView::from).collect();
+            list.sort_by_key(|v| v.session_id);
+            let _ = reply.send(list);
+        }
+        AdminRequest::GetSession { id, reply } => {
+            let _ = reply.send(gateway.session(id).map(SessionView::from));
+        }
+        AdminRequest::Terminate { id, reason, reply } => {
+            let _ = reason;
+            let answer = terminate(gateway, now, id);
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+fn terminate(
+    gateway: &mut Gateway,
+    now: Timestamp,
+    id: SessionId,
+) -> Result<SessionView, AdminError> {
+    let Some(view) = gateway.session(id).map(SessionView::from) else {
+        return Err(AdminError::NotFound(id));
+    };
+    if gateway.terminate(now, id, ReasonCode::PolicyTermination) {
+        Ok(view)
+    } else {
+        Err(AdminError::Conflict(
+            "a change of this session is in flight; retry".into(),
+        ))
+    }
+}
+
+fn spawn_store_request<S: SessionStore>(
+    store: Arc<S>,
+    request: StoreRequest,
+    done: mpsc::Sender<Input>,
+) {
+    tokio::spawn(async move {
+        let outcome = match request.op {
+            StoreOp::Create(record) => written(store.create(&record).await),
+            StoreOp::CompareAndSwap { expected, record } => {
+                written(store.compare_and_swap(expected, &record).await)
+            }
+            StoreOp::Get(session) => match store.get(session).await {
+                Ok(record) => StoreOutcome::Read(record.map(Box::new)),
+                Err(error) => failed(&error),
+            },
+        };
+        let _ = done
+            .send(Input::Store {
+                id: request.id,
+                outcome,
+            })
+            .await;
+    });
+}
+
+fn written(result: Result<(), StoreError>) -> StoreOutcome {
+    match result {
+        Ok(()) => StoreOutcome::Written,
+        Err(error) => failed(&error),
+    }
+}
+
+fn failed(error: &StoreError) -> StoreOutcome {
+    tracing::warn!("store: {error}");
+    StoreOutcome::Failed(match error {
+        StoreError::Conflict { .. } => StoreFailure::Conflict,
+        StoreError::AlreadyExists { .. } => StoreFailure::AlreadyExists,
+        StoreError::Unavailable { .. } | StoreError::LeaseExpired => {
+            StoreFailure::Unavailable
+        }
+        StoreError::CommitUnknown { .. } => StoreFailure::CommitUnknown,
+        _ => StoreFailure::Other,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, local: SocketAddr, input: mpsc::Sender<Input>) {
+    loop {
+        let Ok((stream, remote)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let path = Path {
+            proto: Proto::Tcp,
+            remote,
+            local,
+        };
+        tokio::spawn(connection(stream, path, input.clone()));
+    }
+}
+
+/// One TCP transport: frames in, frames out, until either side closes.
+async fn connection(stream: TcpStream, path: Path, input: mpsc::Sender<Input>) {
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+    if input
+        .send(Input::TcpOpened { path, writer: tx })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if write_frame(&mut writer, &bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let mut buf = vec![0u8; MAX_FRAME];
+    while let Ok(Some(len)) = read_frame(&mut reader, &mut buf).await {
+        let bytes = buf[..len].to_vec();
+        if input.send(Input::TcpFrame { path, bytes }).await.is_err() {
+            return;
+        }
+    }
+    let _ = input.send(Input::TcpClosed { path }).await;
+}
+
+/// Writes one frame: a 2-byte big-endian length, then the packet.
+pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let len = u16::try_from(bytes.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too long"))?;
+    let mut frame = Vec::with_capacity(bytes.len() + 2);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(bytes);
+    writer.write_all(&frame).await
+}
+
+/// Reads one frame into `buf`; `None` at a clean end of stream.
+pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<Option<usize>> {
+    let mut len = [0u8; 2];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = usize::from(u16::from_be_bytes(len));
+    let Some(frame) = buf.get_mut(..len) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too long",
+        ));
+    };
+    reader.read_exact(frame).await?;
+    Ok(Some(len))
+}
+
+/// Node names of clients in their audit logs.
+pub(crate) fn client_node_name(public_key: &[u8; 32]) -> NodeId {
+    let hex: String = public_key[..4].iter().map(|b| format!("{b:02x}")).collect();
+    NodeId::new(format!("client-{hex}"))
 }

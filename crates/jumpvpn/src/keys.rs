@@ -24,6 +24,18 @@ pub fn genkey() -> anyhow::Result<Status> {
     print_line(&text)
 }
 
+/// A new key pair, both halves in base64 (private first).
+pub fn new_pair() -> anyhow::Result<(Zeroizing<String>, String)> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::fill(key.as_mut()).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    clamp(&mut key);
+    let public = PublicKey::from(&StaticSecret::from(*key));
+    Ok((
+        Zeroizing::new(BASE64.encode(key.as_ref())),
+        BASE64.encode(public.as_bytes()),
+    ))
+}
+
 /// Reads a private key on standard input and prints its public key.
 pub fn pubkey() -> anyhow::Result<Status> {
     let mut input = Zeroizing::new(String::new());

@@ -9,9 +9,11 @@ pub mod audit_log;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod debug_cmd;
 pub mod demo;
 pub mod gateway;
 pub mod keys;
+pub mod lab;
 pub mod metrics;
 pub mod netns;
 pub mod status;
@@ -37,4 +39,23 @@ impl Status {
             Status::Findings => ExitCode::from(1),
         }
     }
+}
+
+/// A configuration or usage error, as an error for `main` (which prints it and exits 2).
+pub(crate) fn usage_error(error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{error}")
+}
+
+/// Log lines to stderr. `JUMPVPN_LOG` sets the level (`error`, `warn`, `info` (the default),
+/// `debug`, `trace`).
+pub(crate) fn init_logging() {
+    let level = std::env::var("JUMPVPN_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use jumpvpn::cli::{AuditCommand, Cli, Command};
-use jumpvpn::{audit_cmd, client, demo, gateway, keys, status};
+use jumpvpn::{audit_cmd, client, debug_cmd, demo, gateway, keys, status};
 
 fn main() -> ExitCode {
     // Usage errors (and --help, --version) are handled by clap, which exits 2 (or 0) itself.
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Client(args) => client::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Status(args) => status::run(args),
+        Command::Debug(command) => debug_cmd::run(command),
         Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
         Command::Audit(AuditCommand::Timeline(args)) => audit_cmd::timeline(args),
     };

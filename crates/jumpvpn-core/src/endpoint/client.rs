@@ -36,7 +36,7 @@ pub const REATTACH_RETRY_MS: u64 = 1_000;
 /// While not on the first candidate, try the preferred ones this often.
 pub const PROBE_INTERVAL_MS: u64 = 5_000;
 /// Health reports to the gateway, this often.
-pub const HEALTH_INTERVAL_MS: u64 = 2_000;
+pub const HEALTH_INTERVAL_MS: u64 = 5_000;
 /// With nothing authenticated from the gateway for this long, the session cannot be alive any
 /// more (the gateway's transport-loss TTL, 60 s by default, has ended it): start over.
 pub const SESSION_LOST_MS: u64 = 90_000;
@@ -203,6 +203,9 @@ struct ClientBinding {
 
 struct Reattaching {
     candidate: usize,
+    /// A probe of a preferred candidate while the current one works: abandoned, not
+    /// retried elsewhere, when it goes unanswered.
+    probe: bool,
     sent_at: Timestamp,
     /// When trouble started (dead detection or hint): the switch latency is measured from it.
     since: Timestamp,
@@ -555,6 +558,12 @@ impl Client {
                 e.active = candidate;
                 e.reattach = None;
                 e.last_rx = now;
+                e.last_probe = now;
+                // Health describes a path: start measuring the new one afresh.
+                e.health = HealthCounters {
+                    since: now,
+                    ..HealthCounters::default()
+                };
                 let latency_ms = now.since(since);
                 let proto = self
                     .candidates
@@ -652,7 +661,9 @@ impl Client {
         }
         // A reattach in flight: retry on the next candidate.
         if let Some(r) = &e.reattach {
-            if now.since(r.sent_at) >= REATTACH_RETRY_MS {
+            if r.probe && now.since(r.sent_at) >= REATTACH_RETRY_MS {
+                e.reattach = None;
+            } else if now.since(r.sent_at) >= REATTACH_RETRY_MS {
                 let (candidate, since) = (r.candidate, r.since);
                 let next = self.next_candidate(candidate);
                 self.send_reattach(now, next, since);
@@ -671,6 +682,11 @@ impl Client {
             // Try the preferred candidates again (e.g. UDP after a fallback to TCP).
             e.last_probe = now;
             self.send_reattach(now, 0, now);
+            if let Phase::Established(e) = &mut self.phase {
+                if let Some(r) = e.reattach.as_mut() {
+                    r.probe = true;
+                }
+            }
         }
 
         let Phase::Established(e) = &mut self.phase else {
@@ -696,8 +712,11 @@ impl Client {
                     ..HealthCounters::default()
                 },
             );
-            let acked = h.acked.min(h.sent);
-            let loss_pct = (h.sent - acked).saturating_mul(100) / h.sent;
+            // The last keepalive may still be on its way back: it is not counted as lost.
+            let in_flight = u32::from(now.since(e.last_keepalive) < e.keepalive_ms);
+            let expected = h.sent.saturating_sub(in_flight).max(1);
+            let acked = h.acked.min(expected);
+            let loss_pct = (expected - acked).saturating_mul(100) / expected;
             let rtt_ms = if acked > 0 {
                 h.rtt_sum / u64::from(acked)
             } else {
@@ -743,6 +762,7 @@ impl Client {
         };
         e.reattach = Some(Reattaching {
             candidate,
+            probe: false,
             sent_at: now,
             since,
         });
