@@ -27,6 +27,12 @@ pub enum DebugCommand {
     StreamClient(StreamClientArgs),
     /// Send datagrams at a gateway.
     Inject(InjectArgs),
+    /// Reattach latency over many NAT rebindings (a benchmark; needs root).
+    BenchReattach {
+        /// How many jumps.
+        #[arg(long, default_value_t = 200)]
+        jumps: usize,
+    },
 }
 
 /// Arguments of `debug stream-server`.
@@ -105,6 +111,9 @@ fn pattern(i: u64) -> u8 {
 
 /// Runs a `debug` command.
 pub fn run(command: &DebugCommand) -> anyhow::Result<Status> {
+    if let DebugCommand::BenchReattach { jumps } = command {
+        return crate::demo::bench_reattach(*jumps);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -114,6 +123,7 @@ pub fn run(command: &DebugCommand) -> anyhow::Result<Status> {
             DebugCommand::StreamServer(args) => stream_server(args).await,
             DebugCommand::StreamClient(args) => stream_client(args).await,
             DebugCommand::Inject(args) => inject(args).await,
+            DebugCommand::BenchReattach { .. } => Ok(()),
         }
     })?;
     Ok(Status::Success)

@@ -370,9 +370,7 @@ fn failed(error: &StoreError) -> StoreOutcome {
     StoreOutcome::Failed(match error {
         StoreError::Conflict { .. } => StoreFailure::Conflict,
         StoreError::AlreadyExists { .. } => StoreFailure::AlreadyExists,
-        StoreError::Unavailable { .. } | StoreError::LeaseExpired => {
-            StoreFailure::Unavailable
-        }
+        StoreError::Unavailable { .. } | StoreError::LeaseExpired => StoreFailure::Unavailable,
         StoreError::CommitUnknown { .. } => StoreFailure::CommitUnknown,
         _ => StoreFailure::Other,
     })
