@@ -673,18 +673,8 @@ impl Client {
             self.send_reattach(now, 0, now);
         }
 
-        let Phase::Established(e) = &mut self.phase else {
-            return;
-        };
-        if now.since(e.last_keepalive) >= e.keepalive_ms {
-            e.last_keepalive = now;
-            e.health.sent = e.health.sent.saturating_add(1);
-            let msg = Control::Keepalive {
-                sent_ms: now.as_millis(),
-            };
-            let active = e.active;
-            self.send_control(now, active, &msg);
-        }
+        // The health report closes its window before this tick's keepalive is sent: a keepalive
+        // sent in the same tick has had no time to be answered and is not a loss.
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
@@ -718,6 +708,18 @@ impl Client {
             if e.reattach.is_none() {
                 self.send_control(now, active, &msg);
             }
+        }
+        let Phase::Established(e) = &mut self.phase else {
+            return;
+        };
+        if now.since(e.last_keepalive) >= e.keepalive_ms {
+            e.last_keepalive = now;
+            e.health.sent = e.health.sent.saturating_add(1);
+            let msg = Control::Keepalive {
+                sent_ms: now.as_millis(),
+            };
+            let active = e.active;
+            self.send_control(now, active, &msg);
         }
     }
 
