@@ -555,6 +555,12 @@ impl Client {
                 e.active = candidate;
                 e.reattach = None;
                 e.last_rx = now;
+                // Health reports describe the active path: what was lost before the switch (on
+                // the old path, or during the switch) is not the new path's loss.
+                e.health = HealthCounters {
+                    since: now,
+                    ..HealthCounters::default()
+                };
                 let latency_ms = now.since(since);
                 let proto = self
                     .candidates
