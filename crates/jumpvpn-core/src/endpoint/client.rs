@@ -206,6 +206,9 @@ struct Reattaching {
     sent_at: Timestamp,
     /// When trouble started (dead detection or hint): the switch latency is measured from it.
     since: Timestamp,
+    /// A probe of a preferred candidate while the active one works: when unanswered it is
+    /// given up, and the session stays where it is.
+    probe: bool,
 }
 
 #[derive(Default)]
@@ -376,13 +379,14 @@ impl Client {
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
-        if candidate == e.active && e.reattach.is_none() {
+        // A probe in flight does not replace the active candidate: its failure still counts.
+        if candidate == e.active && e.reattach.as_ref().is_none_or(|r| r.probe) {
             self.out
                 .push_back(ClientOutput::Event(ClientEvent::TransportDead {
                     candidate,
                 }));
             let next = self.next_candidate(candidate);
-            self.send_reattach(now, next, now);
+            self.send_reattach(now, next, now, false);
         }
     }
 
@@ -555,6 +559,8 @@ impl Client {
                 e.active = candidate;
                 e.reattach = None;
                 e.last_rx = now;
+                // The first probe of a better candidate comes a full interval after a switch.
+                e.last_probe = now;
                 // Health reports describe the active path: what was lost before the switch (on
                 // the old path, or during the switch) is not the new path's loss.
                 e.health = HealthCounters {
@@ -617,7 +623,8 @@ impl Client {
                     // Someone reattached since we last heard: catch up and ask again at once.
                     e.known_version = e.known_version.max(state_version);
                     let since = e.reattach.as_ref().map_or(now, |r| r.since);
-                    self.send_reattach(now, candidate, since);
+                    let probe = e.reattach.as_ref().is_some_and(|r| r.probe);
+                    self.send_reattach(now, candidate, since, probe);
                 }
             }
             Control::ReattachHint {
@@ -634,7 +641,7 @@ impl Client {
                     let since = e.reattach.as_ref().map_or(now, |r| r.since);
                     self.out
                         .push_back(ClientOutput::Event(ClientEvent::Hinted { candidate }));
-                    self.send_reattach(now, candidate, since);
+                    self.send_reattach(now, candidate, since, false);
                 }
             }
             Control::Terminate { reason } => self.session_over(now, session, reason),
@@ -656,12 +663,17 @@ impl Client {
             let _ = wall_clock_ns;
             return;
         }
-        // A reattach in flight: retry on the next candidate.
+        // A reattach in flight: retry on the next candidate. An unanswered probe is given up
+        // instead: the active candidate works, and moving on would "switch" to it again.
         if let Some(r) = &e.reattach {
             if now.since(r.sent_at) >= REATTACH_RETRY_MS {
-                let (candidate, since) = (r.candidate, r.since);
-                let next = self.next_candidate(candidate);
-                self.send_reattach(now, next, since);
+                if r.probe {
+                    e.reattach = None;
+                } else {
+                    let (candidate, since) = (r.candidate, r.since);
+                    let next = self.next_candidate(candidate);
+                    self.send_reattach(now, next, since, false);
+                }
             }
             // Keep the current binding's keepalives going meanwhile.
         } else if now.since(e.last_rx) >= e.dead_after_ms {
@@ -672,11 +684,11 @@ impl Client {
                 }));
             let next = self.next_candidate(dead);
             let since = now;
-            self.send_reattach(now, next, since);
+            self.send_reattach(now, next, since, false);
         } else if e.active > 0 && now.since(e.last_probe) >= PROBE_INTERVAL_MS {
             // Try the preferred candidates again (e.g. UDP after a fallback to TCP).
             e.last_probe = now;
-            self.send_reattach(now, 0, now);
+            self.send_reattach(now, 0, now, true);
         }
 
         // The health report closes its window before this tick's keepalive is sent: a keepalive
@@ -731,7 +743,7 @@ impl Client {
 
     // ---- helpers ----
 
-    fn send_reattach(&mut self, now: Timestamp, candidate: usize, since: Timestamp) {
+    fn send_reattach(&mut self, now: Timestamp, candidate: usize, since: Timestamp, probe: bool) {
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
@@ -753,6 +765,7 @@ impl Client {
             candidate,
             sent_at: now,
             since,
+            probe,
         });
         let mut bytes = Vec::with_capacity(80);
         Packet::Reattach(request).encode(&mut bytes);
