@@ -601,6 +601,11 @@ impl Client {
                 owner_epoch,
                 ..
             } => {
+                // A rejection answers a request of ours. With none in flight it answers someone
+                // else's (a replayed or duplicated request) and must not end a working session.
+                if e.reattach.is_none() {
+                    return;
+                }
                 self.out.push_back(ClientOutput::Audit(AuditEvent {
                     ts_ms: now.as_millis(),
                     node_id: self.node.clone(),
