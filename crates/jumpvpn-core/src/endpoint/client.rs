@@ -36,7 +36,7 @@ pub const REATTACH_RETRY_MS: u64 = 1_000;
 /// While not on the first candidate, try the preferred ones this often.
 pub const PROBE_INTERVAL_MS: u64 = 5_000;
 /// Health reports to the gateway, this often.
-pub const HEALTH_INTERVAL_MS: u64 = 5_000;
+pub const HEALTH_INTERVAL_MS: u64 = 2_000;
 /// With nothing authenticated from the gateway for this long, the session cannot be alive any
 /// more (the gateway's transport-loss TTL, 60 s by default, has ended it): start over.
 pub const SESSION_LOST_MS: u64 = 90_000;
@@ -203,12 +203,12 @@ struct ClientBinding {
 
 struct Reattaching {
     candidate: usize,
-    /// A probe of a preferred candidate while the current one works: abandoned, not
-    /// retried elsewhere, when it goes unanswered.
-    probe: bool,
     sent_at: Timestamp,
     /// When trouble started (dead detection or hint): the switch latency is measured from it.
     since: Timestamp,
+    /// A probe of a preferred candidate while the active one works: when unanswered it is
+    /// given up, and the session stays where it is.
+    probe: bool,
 }
 
 #[derive(Default)]
@@ -379,13 +379,14 @@ impl Client {
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
-        if candidate == e.active && e.reattach.is_none() {
+        // A probe in flight does not replace the active candidate: its failure still counts.
+        if candidate == e.active && e.reattach.as_ref().is_none_or(|r| r.probe) {
             self.out
                 .push_back(ClientOutput::Event(ClientEvent::TransportDead {
                     candidate,
                 }));
             let next = self.next_candidate(candidate);
-            self.send_reattach(now, next, now);
+            self.send_reattach(now, next, now, false);
         }
     }
 
@@ -558,8 +559,10 @@ impl Client {
                 e.active = candidate;
                 e.reattach = None;
                 e.last_rx = now;
+                // The first probe of a better candidate comes a full interval after a switch.
                 e.last_probe = now;
-                // Health describes a path: start measuring the new one afresh.
+                // Health reports describe the active path: what was lost before the switch (on
+                // the old path, or during the switch) is not the new path's loss.
                 e.health = HealthCounters {
                     since: now,
                     ..HealthCounters::default()
@@ -598,6 +601,11 @@ impl Client {
                 owner_epoch,
                 ..
             } => {
+                // A rejection answers a request of ours. With none in flight it answers someone
+                // else's (a replayed or duplicated request) and must not end a working session.
+                if e.reattach.is_none() {
+                    return;
+                }
                 self.out.push_back(ClientOutput::Audit(AuditEvent {
                     ts_ms: now.as_millis(),
                     node_id: self.node.clone(),
@@ -620,7 +628,8 @@ impl Client {
                     // Someone reattached since we last heard: catch up and ask again at once.
                     e.known_version = e.known_version.max(state_version);
                     let since = e.reattach.as_ref().map_or(now, |r| r.since);
-                    self.send_reattach(now, candidate, since);
+                    let probe = e.reattach.as_ref().is_some_and(|r| r.probe);
+                    self.send_reattach(now, candidate, since, probe);
                 }
             }
             Control::ReattachHint {
@@ -637,7 +646,7 @@ impl Client {
                     let since = e.reattach.as_ref().map_or(now, |r| r.since);
                     self.out
                         .push_back(ClientOutput::Event(ClientEvent::Hinted { candidate }));
-                    self.send_reattach(now, candidate, since);
+                    self.send_reattach(now, candidate, since, false);
                 }
             }
             Control::Terminate { reason } => self.session_over(now, session, reason),
@@ -659,14 +668,17 @@ impl Client {
             let _ = wall_clock_ns;
             return;
         }
-        // A reattach in flight: retry on the next candidate.
+        // A reattach in flight: retry on the next candidate. An unanswered probe is given up
+        // instead: the active candidate works, and moving on would "switch" to it again.
         if let Some(r) = &e.reattach {
-            if r.probe && now.since(r.sent_at) >= REATTACH_RETRY_MS {
-                e.reattach = None;
-            } else if now.since(r.sent_at) >= REATTACH_RETRY_MS {
-                let (candidate, since) = (r.candidate, r.since);
-                let next = self.next_candidate(candidate);
-                self.send_reattach(now, next, since);
+            if now.since(r.sent_at) >= REATTACH_RETRY_MS {
+                if r.probe {
+                    e.reattach = None;
+                } else {
+                    let (candidate, since) = (r.candidate, r.since);
+                    let next = self.next_candidate(candidate);
+                    self.send_reattach(now, next, since, false);
+                }
             }
             // Keep the current binding's keepalives going meanwhile.
         } else if now.since(e.last_rx) >= e.dead_after_ms {
@@ -677,30 +689,15 @@ impl Client {
                 }));
             let next = self.next_candidate(dead);
             let since = now;
-            self.send_reattach(now, next, since);
+            self.send_reattach(now, next, since, false);
         } else if e.active > 0 && now.since(e.last_probe) >= PROBE_INTERVAL_MS {
             // Try the preferred candidates again (e.g. UDP after a fallback to TCP).
             e.last_probe = now;
-            self.send_reattach(now, 0, now);
-            if let Phase::Established(e) = &mut self.phase {
-                if let Some(r) = e.reattach.as_mut() {
-                    r.probe = true;
-                }
-            }
+            self.send_reattach(now, 0, now, true);
         }
 
-        let Phase::Established(e) = &mut self.phase else {
-            return;
-        };
-        if now.since(e.last_keepalive) >= e.keepalive_ms {
-            e.last_keepalive = now;
-            e.health.sent = e.health.sent.saturating_add(1);
-            let msg = Control::Keepalive {
-                sent_ms: now.as_millis(),
-            };
-            let active = e.active;
-            self.send_control(now, active, &msg);
-        }
+        // The health report closes its window before this tick's keepalive is sent: a keepalive
+        // sent in the same tick has had no time to be answered and is not a loss.
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
@@ -712,11 +709,8 @@ impl Client {
                     ..HealthCounters::default()
                 },
             );
-            // The last keepalive may still be on its way back: it is not counted as lost.
-            let in_flight = u32::from(now.since(e.last_keepalive) < e.keepalive_ms);
-            let expected = h.sent.saturating_sub(in_flight).max(1);
-            let acked = h.acked.min(expected);
-            let loss_pct = (expected - acked).saturating_mul(100) / expected;
+            let acked = h.acked.min(h.sent);
+            let loss_pct = (h.sent - acked).saturating_mul(100) / h.sent;
             let rtt_ms = if acked > 0 {
                 h.rtt_sum / u64::from(acked)
             } else {
@@ -738,11 +732,23 @@ impl Client {
                 self.send_control(now, active, &msg);
             }
         }
+        let Phase::Established(e) = &mut self.phase else {
+            return;
+        };
+        if now.since(e.last_keepalive) >= e.keepalive_ms {
+            e.last_keepalive = now;
+            e.health.sent = e.health.sent.saturating_add(1);
+            let msg = Control::Keepalive {
+                sent_ms: now.as_millis(),
+            };
+            let active = e.active;
+            self.send_control(now, active, &msg);
+        }
     }
 
     // ---- helpers ----
 
-    fn send_reattach(&mut self, now: Timestamp, candidate: usize, since: Timestamp) {
+    fn send_reattach(&mut self, now: Timestamp, candidate: usize, since: Timestamp, probe: bool) {
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
@@ -762,9 +768,9 @@ impl Client {
         };
         e.reattach = Some(Reattaching {
             candidate,
-            probe: false,
             sent_at: now,
             since,
+            probe,
         });
         let mut bytes = Vec::with_capacity(80);
         Packet::Reattach(request).encode(&mut bytes);

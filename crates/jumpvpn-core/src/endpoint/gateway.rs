@@ -875,7 +875,11 @@ impl Gateway {
                     self.stats.reattach_rejected += 1;
                 }
                 self.emit(rejection.events);
-                if let Then::AckReattach { path, .. } = then {
+                // A replayed request is audited but not answered: its sender had its answer
+                // long ago, and a fresh, authenticated, final rejection would reach the real
+                // client (the replay may come from its own address) and end its session.
+                let replay = rejection.refusal.reason == ReasonCode::ReplayDetected;
+                if let (Then::AckReattach { path, .. }, false) = (then, replay) {
                     self.reject(now, path, session, rejection.refusal);
                 }
             }
