@@ -171,29 +171,7 @@ fn render_table(found: &[Found<'_>]) -> String {
             ]
         })
         .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-
-    let mut table = String::new();
-    let header = HEADER.map(str::to_owned);
-    for row in std::iter::once(&header).chain(&rows) {
-        let columns = row.iter().zip(widths).zip(RIGHT);
-        for (column, ((cell, width), right)) in columns.enumerate() {
-            // Writing to a String cannot fail.
-            let _ = match (column + 1 == row.len(), right) {
-                // The last column is not padded: no trailing spaces.
-                (true, _) => write!(table, "{cell}"),
-                (false, true) => write!(table, "{cell:>width$}  "),
-                (false, false) => write!(table, "{cell:<width$}  "),
-            };
-        }
-        table.push('\n');
-    }
-    table
+    crate::table::render(HEADER, RIGHT, &rows)
 }
 
 /// A short description of what the event says beyond its common fields.

@@ -21,22 +21,16 @@ use zeroize::Zeroizing;
 use crate::audit_log::AuditLog;
 use crate::cli::ConfigArgs;
 use crate::config::{self, ClientConfig};
-use crate::gateway::{client_node_name, read_frame, write_frame, Clock};
+use crate::driver::{self, client_node_name, read_frame, write_frame, Clock, MAX_FRAME, TCP_QUEUE};
 use crate::{tun, Status};
 
-const MAX_FRAME: usize = u16::MAX as usize;
-const TCP_QUEUE: usize = 1024;
 const AUDIT_QUEUE: usize = 16_384;
 
 /// Runs `jumpvpn client --config FILE` until SIGTERM or SIGINT.
 pub fn run(args: &ConfigArgs) -> anyhow::Result<Status> {
     let config = config::load_client(&args.config).map_err(crate::usage_error)?;
     crate::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))?;
+    driver::runtime()?.block_on(serve(config))?;
     Ok(Status::Success)
 }
 

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use jumpvpn_core::endpoint::gateway::{
@@ -19,12 +18,12 @@ use jumpvpn_core::endpoint::gateway::{
     StoreOutcome, StoreRequest,
 };
 use jumpvpn_core::endpoint::{Path, Transmit};
-use jumpvpn_core::{NodeId, Proto, ReasonCode, SessionId, Timestamp};
+use jumpvpn_core::{Proto, ReasonCode, SessionId, Timestamp};
 use jumpvpn_store::embedded::EmbeddedStore;
 use jumpvpn_store::etcd::{EtcdStore, EtcdTimeouts};
 use jumpvpn_store::memory::MemoryStore;
 use jumpvpn_store::{SessionStore, StoreError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
@@ -33,14 +32,10 @@ use crate::admin::{self, AdminError, AdminRequest, AdminState, SessionView};
 use crate::audit_log::AuditLog;
 use crate::cli::ConfigArgs;
 use crate::config::{self, GatewayConfig, StoreConfig};
+use crate::driver::{self, read_frame, write_frame, Clock, MAX_FRAME, TCP_QUEUE};
 use crate::metrics::Metrics;
 use crate::{tun, Status};
 
-/// Largest frame on a TCP transport (the length prefix is 16 bits).
-const MAX_FRAME: usize = u16::MAX as usize;
-/// Frames queued for one TCP connection before new ones are dropped (as a full UDP socket
-/// buffer would drop them).
-const TCP_QUEUE: usize = 1024;
 /// Audit events queued before the writer counts them as lost (SPEC §8).
 const AUDIT_QUEUE: usize = 65_536;
 
@@ -48,11 +43,7 @@ const AUDIT_QUEUE: usize = 65_536;
 pub fn run(args: &ConfigArgs) -> anyhow::Result<Status> {
     let config = config::load_gateway(&args.config).map_err(crate::usage_error)?;
     crate::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    driver::runtime()?.block_on(async move {
         match config.store.clone() {
             StoreConfig::Embedded { path } => {
                 let store = EmbeddedStore::open(&path)
@@ -88,37 +79,6 @@ enum Input {
         id: u64,
         outcome: StoreOutcome,
     },
-}
-
-/// Milliseconds since the Unix epoch, from a monotonic clock anchored once at start (so timers
-/// never see the wall clock jump).
-#[derive(Clone, Copy)]
-pub(crate) struct Clock {
-    start: Instant,
-    start_ms: u64,
-}
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        let start_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self {
-            start: Instant::now(),
-            start_ms,
-        }
-    }
-
-    pub(crate) fn now(&self) -> Timestamp {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Timestamp(self.start_ms.saturating_add(elapsed))
-    }
-
-    /// The instant at which `at` falls.
-    pub(crate) fn instant(&self, at: Timestamp) -> tokio::time::Instant {
-        let ms = at.as_millis().saturating_sub(self.start_ms);
-        tokio::time::Instant::from_std(self.start + std::time::Duration::from_millis(ms))
-    }
 }
 
 async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow::Result<()> {
@@ -309,7 +269,8 @@ fn answer_admin(gateway: &mut Gateway, now: Timestamp, request: AdminRequest) {
             let _ = reply.send(gateway.session(id).map(SessionView::from));
         }
         AdminRequest::Terminate { id, reason, reply } => {
-            let _ = reason;
+            // The operator's words are for the log; the recorded reason code is fixed.
+            tracing::info!("operator terminates session {id}: {reason}");
             let answer = terminate(gateway, now, id);
             let _ = reply.send(answer);
         }
@@ -418,45 +379,4 @@ async fn connection(stream: TcpStream, path: Path, input: mpsc::Sender<Input>) {
         }
     }
     let _ = input.send(Input::TcpClosed { path }).await;
-}
-
-/// Writes one frame: a 2-byte big-endian length, then the packet.
-pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
-    writer: &mut W,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    let len = u16::try_from(bytes.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too long"))?;
-    let mut frame = Vec::with_capacity(bytes.len() + 2);
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(bytes);
-    writer.write_all(&frame).await
-}
-
-/// Reads one frame into `buf`; `None` at a clean end of stream.
-pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> std::io::Result<Option<usize>> {
-    let mut len = [0u8; 2];
-    match reader.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = usize::from(u16::from_be_bytes(len));
-    let Some(frame) = buf.get_mut(..len) else {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "frame too long",
-        ));
-    };
-    reader.read_exact(frame).await?;
-    Ok(Some(len))
-}
-
-/// Node names of clients in their audit logs.
-pub(crate) fn client_node_name(public_key: &[u8; 32]) -> NodeId {
-    let hex: String = public_key[..4].iter().map(|b| format!("{b:02x}")).collect();
-    NodeId::new(format!("client-{hex}"))
 }

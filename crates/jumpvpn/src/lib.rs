@@ -11,12 +11,14 @@ pub mod client;
 pub mod config;
 pub mod debug_cmd;
 pub mod demo;
+mod driver;
 pub mod gateway;
 pub mod keys;
 pub mod lab;
 pub mod metrics;
 pub mod netns;
 pub mod status;
+pub mod table;
 pub mod tun;
 
 use std::process::ExitCode;

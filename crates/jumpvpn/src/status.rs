@@ -8,7 +8,6 @@
 //! A session without a binding shows `-` for PROTO and CLIENT; a frozen one shows its state
 //! as `ATTACHED*`. Quiet otherwise: an empty gateway prints the header alone.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 
 use crate::admin::{SessionList, SessionView};
@@ -76,30 +75,7 @@ pub fn render_table(sessions: &[SessionView], now_ms: u64) -> String {
             ]
         })
         .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-
-    let mut table = String::new();
-    let header = HEADER.map(str::to_owned);
-    for row in std::iter::once(&header).chain(&rows) {
-        let columns = row.iter().zip(widths).zip(RIGHT);
-        for (column, ((cell, width), right)) in columns.enumerate() {
-            // Writing to a String cannot fail.
-            let _ = match (column + 1 == row.len(), right) {
-                (true, true) => write!(table, "{cell:>width$}"),
-                // The last column is not padded on the right: no trailing spaces.
-                (true, false) => write!(table, "{cell}"),
-                (false, true) => write!(table, "{cell:>width$}  "),
-                (false, false) => write!(table, "{cell:<width$}  "),
-            };
-        }
-        table.push('\n');
-    }
-    table
+    crate::table::render(HEADER, RIGHT, &rows)
 }
 
 /// `42s`, `5m12s`, `3h04m`, `2d07h`: two units at most.

@@ -406,7 +406,7 @@ impl Client {
                     self.handshake(now, next, wall_clock_ns);
                 }
             }
-            Phase::Established(_) => self.established_timers(now, wall_clock_ns),
+            Phase::Established(_) => self.established_timers(now),
         }
     }
 
@@ -658,14 +658,13 @@ impl Client {
 
     // ---- timers ----
 
-    fn established_timers(&mut self, now: Timestamp, wall_clock_ns: u64) {
+    fn established_timers(&mut self, now: Timestamp) {
         let Phase::Established(e) = &mut self.phase else {
             return;
         };
         if now.since(e.last_auth) >= SESSION_LOST_MS {
             let session = e.session;
             self.session_over(now, session, ReasonCode::TtlTransportLossExpired);
-            let _ = wall_clock_ns;
             return;
         }
         // A reattach in flight: retry on the next candidate. An unanswered probe is given up

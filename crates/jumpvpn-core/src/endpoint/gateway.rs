@@ -252,7 +252,6 @@ enum Then {
     /// Answer a reattach on its path.
     AckReattach {
         path: Path,
-        started: Timestamp,
     },
 }
 
@@ -391,7 +390,7 @@ impl Gateway {
     }
 
     /// An IP packet read from the TUN device.
-    pub fn handle_tun(&mut self, now: Timestamp, packet: &[u8]) {
+    pub fn handle_tun(&mut self, _now: Timestamp, packet: &[u8]) {
         let Some(id) = ip_destination(packet).and_then(|ip| self.by_ip.get(&ip).copied()) else {
             self.stats.tun_dropped += 1;
             return;
@@ -408,7 +407,6 @@ impl Gateway {
             self.stats.tun_dropped += 1;
             return;
         }
-        let _ = now;
         let counter = data.tx;
         data.tx = data.tx.saturating_add(1);
         if counter == u64::MAX {
@@ -531,16 +529,20 @@ impl Gateway {
             self.stats.handshakes_rejected += 1;
             let old = peer.session;
             if let Some(live) = old.and_then(|id| self.sessions.get(&id)) {
-                let event = event_at(
-                    &live.record,
+                let ctx = Context {
                     now,
-                    &self.node,
-                    ReasonCode::ReplayDetected,
-                    EventKind::SecurityEvent {
-                        violation_type: ViolationType::ReplayAttempt,
-                    },
-                );
-                self.out.push_back(GatewayOutput::Audit(event));
+                    node: &self.node,
+                };
+                let refusal = Refusal {
+                    reason: ReasonCode::ReplayDetected,
+                    retryable: false,
+                };
+                let kind = EventKind::SecurityEvent {
+                    violation_type: ViolationType::ReplayAttempt,
+                };
+                let events = machine::refuse(&live.record, &ctx, refusal, kind).events;
+                self.out
+                    .extend(events.into_iter().map(GatewayOutput::Audit));
             }
             return;
         }
@@ -643,7 +645,7 @@ impl Gateway {
             peer.session = Some(session);
         }
         self.by_ip.insert(record.tunnel_ip, session);
-        let live = Live::new(record, master, now, &self.policy);
+        let live = Live::new(record, master, now);
         self.sessions.insert(session, live);
         self.out
             .push_back(GatewayOutput::Transmit(Transmit { path, bytes: ack }));
@@ -699,7 +701,7 @@ impl Gateway {
             now,
             request.session,
             SessionEvent::Reattach(attempt),
-            Then::AckReattach { path, started: now },
+            Then::AckReattach { path },
         );
     }
 
@@ -960,20 +962,7 @@ impl Gateway {
         let terminated = record.is_terminated();
         let old_path = live.data.as_ref().map(|d| d.path);
         if rebound {
-            live.data = record.binding.map(|b| DataPlane {
-                bound_at: b.bound_at_version,
-                path: Path {
-                    proto: b.proto,
-                    remote: b.client_addr,
-                    local: b.gateway_addr,
-                },
-                keys: live
-                    .master
-                    .binding_keys(session, b.bound_at_version, record.owner_epoch),
-                rx: window(&record.policy),
-                tx: 0,
-                resumed: false,
-            });
+            live.data = DataPlane::of(&live.master, &record);
             live.last_rx = now;
         }
         let volatile = matches!(
@@ -982,13 +971,12 @@ impl Gateway {
         );
         live.health.sync(volatile, now);
         live.record = record;
-        if let Then::AckReattach { path, started } = then {
+        if let Then::AckReattach { path } = then {
             if let Some(refusal) = refusal {
                 self.stats.reattach_rejected += 1;
                 self.reject(now, path, session, refusal);
             } else {
                 self.stats.reattach_accepted += 1;
-                let _ = started;
                 let live = self.sessions.get(&session);
                 if let Some(live) = live {
                     let msg = Control::ReattachAck {
@@ -1086,7 +1074,7 @@ impl Gateway {
                 peer.session = Some(session);
             }
             self.by_ip.insert(record.tunnel_ip, session);
-            let mut live = Live::new(*record, master, now, &self.policy);
+            let mut live = Live::new(*record, master, now);
             live.control_floor = live.record.last_nonce;
             if let Some(data) = live.data.as_mut() {
                 data.resumed = true;
@@ -1181,28 +1169,34 @@ impl Gateway {
     }
 }
 
-impl Live {
-    fn new(record: SessionRecord, master: MasterSecret, now: Timestamp, _policy: &Policy) -> Self {
-        let session = record.session_id;
-        let data = record.binding.map(|b| DataPlane {
+impl DataPlane {
+    /// The traffic state of `record`'s binding, if it has one: fresh counters and window.
+    fn of(master: &MasterSecret, record: &SessionRecord) -> Option<Self> {
+        let b = record.binding?;
+        Some(Self {
             bound_at: b.bound_at_version,
             path: Path {
                 proto: b.proto,
                 remote: b.client_addr,
                 local: b.gateway_addr,
             },
-            keys: master.binding_keys(session, b.bound_at_version, record.owner_epoch),
+            keys: master.binding_keys(record.session_id, b.bound_at_version, record.owner_epoch),
             rx: window(&record.policy),
             tx: 0,
             resumed: false,
-        });
+        })
+    }
+}
+
+impl Live {
+    fn new(record: SessionRecord, master: MasterSecret, now: Timestamp) -> Self {
         Self {
-            control: master.control_keys(session),
+            data: DataPlane::of(&master, &record),
+            control: master.control_keys(record.session_id),
             master,
             control_tx: 0,
             control_rx: control_window(),
             control_floor: 0,
-            data,
             last_rx: now,
             health: HealthMonitor::new(),
             busy: false,
@@ -1227,22 +1221,4 @@ fn control_window() -> ReplayWindow {
 
 fn clamp_u32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
-}
-
-fn event_at(
-    record: &SessionRecord,
-    now: Timestamp,
-    node: &NodeId,
-    reason: ReasonCode,
-    kind: EventKind,
-) -> AuditEvent {
-    AuditEvent {
-        ts_ms: now.as_millis(),
-        node_id: node.clone(),
-        session_id: Some(record.session_id),
-        state_version: record.state_version,
-        owner_epoch: record.owner_epoch,
-        reason_code: reason,
-        kind,
-    }
 }
