@@ -195,7 +195,16 @@ fn topology_pings_across_the_veth_and_drop_removes_everything() {
         .arg("600")
         .spawn()
         .expect("spawn sleep in the client namespace");
-    assert!(!topo.client().pids().expect("pids").is_empty());
+    // `ip netns exec` enters the namespace after the spawn returns: wait (bounded) until the
+    // process is seen inside.
+    let inside = (0..200).any(|_| {
+        let seen = !topo.client().pids().expect("pids").is_empty();
+        if !seen {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        seen
+    });
+    assert!(inside, "the process never appeared in the namespace");
     drop(topo);
     let status = sleeper.wait().expect("wait for sleep");
     assert!(
