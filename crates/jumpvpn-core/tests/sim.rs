@@ -348,6 +348,76 @@ fn gateway_restart_resumes_the_session_from_the_store_without_a_handshake() {
     sim.assert_clean_single_session();
 }
 
+#[test]
+fn a_restarted_gateway_runs_the_timers_of_sessions_no_packet_reaches() {
+    // The restarted gateway takes its live sessions back from the store at once: with every
+    // path down, nothing would otherwise ever load the record, and it would stay ATTACHED.
+    let mut sim = Sim::established(SimConfig::new(41));
+    sim.run_for(3_000);
+    let session = sim.session();
+    let policy = sim.config.policy.clone();
+    sim.set_link_up(UDP, false);
+    sim.set_link_up(TCP, false);
+    let restart_at = sim.now;
+    sim.restart_gateway();
+    let limit = policy.server_dead_after_ms + policy.max_recovery_window_ms + 1_000;
+    assert!(
+        sim.run_until_cond(limit, |s| s.store.records[&session].is_terminated()),
+        "the silent session ends"
+    );
+    let recovering = sim.gw_events("STATE_CHANGE", "RECOVERY_START");
+    assert_eq!(recovering.len(), 1);
+    let silent = Timestamp(recovering[0].ts_ms).since(restart_at);
+    assert!(
+        (policy.server_dead_after_ms..policy.server_dead_after_ms + GW_TICK_MS + 50)
+            .contains(&silent),
+        "RECOVERING {silent} ms after the restart"
+    );
+    let termination = sim.store.records[&session].termination.expect("terminated");
+    assert_eq!(termination.reason, ReasonCode::RecoveryBoundsExceeded);
+    sim.assert_audit_clean();
+}
+
+#[test]
+fn replayed_init_after_a_gateway_restart_creates_nothing() {
+    // The last accepted init timestamp lives in memory and is lost with a restart, so the
+    // replayed init opens and is answered; but its sender cannot confirm the keys, so no
+    // session is written and the live one is not superseded.
+    let mut sim = Sim::established(SimConfig::new(44));
+    sim.run_for(3_000);
+    let session = sim.session();
+    let init = sim.client_sent[0].bytes.clone();
+    assert_eq!(packet_type(&init), Some(kind::INIT));
+    sim.restart_gateway();
+    sim.run_for(3_000);
+    assert_eq!(sim.session(), session, "resumed after the restart");
+    let version = sim.record().state_version;
+
+    let stranger = Path {
+        proto: Proto::Udp,
+        remote: SocketAddr::new(IpAddr::V4(OTHER_IP), 4_444),
+        local: harness::gw_addr(),
+    };
+    for _ in 0..3 {
+        assert_eq!(sim.inject_to_gateway(stranger, &init), 0);
+    }
+    sim.run_for(20_000);
+    assert_eq!(sim.store.records.len(), 1, "no new session");
+    assert_eq!(sim.session(), session, "the live session survives");
+    assert_eq!(sim.record().state, SessionState::Attached);
+    assert_eq!(sim.record().state_version, version, "nothing moved");
+    let stats = sim.gateway.stats();
+    assert_eq!(stats.handshakes, 0, "nothing created");
+    // The first copy is answered and never confirmed; the next two are stale against it.
+    assert_eq!(stats.unconfirmed, 1);
+    assert_eq!(stats.handshakes_rejected, 2);
+    assert!(sim.gw_events("STATE_CHANGE", "SESSION_SUPERSEDED").is_empty());
+    assert_eq!(sim.security_events("SEC_REPLAY_ATTEMPT").len(), 2);
+    let end = before(sim.now, 100);
+    assert_eq!(sim.up.lost(Timestamp(end.as_millis() - 15_000), end), 0);
+    sim.assert_clean_single_session();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Replay
 // ---------------------------------------------------------------------------------------------

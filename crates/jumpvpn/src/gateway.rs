@@ -18,7 +18,7 @@ use jumpvpn_core::endpoint::gateway::{
     StoreOutcome, StoreRequest,
 };
 use jumpvpn_core::endpoint::{Path, Transmit};
-use jumpvpn_core::{Proto, ReasonCode, SessionId, Timestamp};
+use jumpvpn_core::{NodeId, Proto, ReasonCode, SessionId, Timestamp};
 use jumpvpn_store::embedded::EmbeddedStore;
 use jumpvpn_store::etcd::{EtcdStore, EtcdTimeouts};
 use jumpvpn_store::memory::MemoryStore;
@@ -142,6 +142,12 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
         seed: *seed,
     });
 
+    let clock = Clock::new();
+    let restored = restore(&mut gateway, store.as_ref(), &node, &clock).await;
+    if restored > 0 {
+        tracing::info!("took back {restored} live sessions from the store");
+    }
+
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(4096);
     let tcp_local = tcp.local_addr()?;
     {
@@ -149,7 +155,6 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
         tokio::spawn(accept_loop(tcp, tcp_local, input_tx));
     }
 
-    let clock = Clock::new();
     let mut tcp_writers: HashMap<Path, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut udp_buf = vec![0u8; MAX_FRAME];
     let mut tun_buf = vec![0u8; MAX_FRAME];
@@ -248,6 +253,7 @@ fn observe(metrics: &Metrics, gateway: &Gateway) {
         &metrics.handshakes_rejected_total,
         stats.handshakes_rejected,
     );
+    set(&metrics.handshakes_unconfirmed_total, stats.unconfirmed);
     set(&metrics.reattach_accepted_total, stats.reattach_accepted);
     set(&metrics.packets_rx_total, stats.data_in);
     set(&metrics.packets_tx_total, stats.data_out);
@@ -291,6 +297,39 @@ fn terminate(
         Err(AdminError::Conflict(
             "a change of this session is in flight; retry".into(),
         ))
+    }
+}
+
+/// Hands the gateway the live sessions the store says this node owns, so that their timers
+/// run from the start (SPEC §6 deadlines) and a new handshake from their client supersedes
+/// them. A store that cannot be listed is not fatal: sessions are then read on demand.
+async fn restore<S: SessionStore>(
+    gateway: &mut Gateway,
+    store: &S,
+    node: &NodeId,
+    clock: &Clock,
+) -> usize {
+    const PAGE: usize = 1_000;
+    let mut restored = 0;
+    let mut after = None;
+    loop {
+        let page = match store.list_by_owner(node, after, PAGE).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!("cannot list this node's sessions in the store: {error}");
+                return restored;
+            }
+        };
+        let full = page.len() == PAGE;
+        after = page.last().map(|r| r.session_id);
+        for record in page {
+            if gateway.restore(clock.now(), record) {
+                restored += 1;
+            }
+        }
+        if !full {
+            return restored;
+        }
     }
 }
 

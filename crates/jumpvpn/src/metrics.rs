@@ -80,6 +80,9 @@ pub struct Metrics {
     pub handshakes_total: Counter,
     /// Handshakes refused (authentication, freshness, rate limits, unknown peers).
     pub handshakes_rejected_total: Counter,
+    /// Handshakes answered but never confirmed by the client's first packet (replayed inits
+    /// among them).
+    pub handshakes_unconfirmed_total: Counter,
     /// Reattaches accepted (transport switches).
     pub reattach_accepted_total: Counter,
     /// Reattaches refused, by reason code: use [`Metrics::reattach_rejected`].
@@ -113,6 +116,7 @@ impl Metrics {
             sessions_active: Gauge::default(),
             handshakes_total: Counter::default(),
             handshakes_rejected_total: Counter::default(),
+            handshakes_unconfirmed_total: Counter::default(),
             reattach_accepted_total: Counter::default(),
             reattach_rejected_total: std::array::from_fn(|_| Counter::default()),
             packets_rx_total: Counter::default(),
@@ -189,6 +193,12 @@ impl Metrics {
             "counter",
             "Handshakes refused.",
             self.handshakes_rejected_total.get(),
+        );
+        family(
+            "handshakes_unconfirmed_total",
+            "counter",
+            "Handshakes answered but never confirmed by the client.",
+            self.handshakes_unconfirmed_total.get(),
         );
         family(
             "reattach_accepted_total",

@@ -491,6 +491,9 @@ impl Client {
                 candidate,
             }));
         self.phase = Phase::Established(Box::new(established));
+        // The gateway keeps the session provisional until a packet under its keys proves that
+        // this end holds them (a replayed init cannot): confirm at once.
+        self.keepalive(now);
     }
 
     // ---- control ----
@@ -735,14 +738,21 @@ impl Client {
             return;
         };
         if now.since(e.last_keepalive) >= e.keepalive_ms {
-            e.last_keepalive = now;
-            e.health.sent = e.health.sent.saturating_add(1);
-            let msg = Control::Keepalive {
-                sent_ms: now.as_millis(),
-            };
-            let active = e.active;
-            self.send_control(now, active, &msg);
+            self.keepalive(now);
         }
+    }
+
+    fn keepalive(&mut self, now: Timestamp) {
+        let Phase::Established(e) = &mut self.phase else {
+            return;
+        };
+        e.last_keepalive = now;
+        e.health.sent = e.health.sent.saturating_add(1);
+        let msg = Control::Keepalive {
+            sent_ms: now.as_millis(),
+        };
+        let active = e.active;
+        self.send_control(now, active, &msg);
     }
 
     // ---- helpers ----

@@ -9,6 +9,13 @@
 //! limits (2), the session is found in the cache or read from the store (3), then the state
 //! machine checks expiry, ownership, freeze, proof, nonce, version and policy (4–9), then the
 //! CAS (10). Only after the CAS does the gateway send `REATTACH_ACK` on the new path.
+//!
+//! A handshake is answered at once but creates nothing until the client confirms it: the new
+//! session stays provisional (in memory only) until the first packet authenticated under its
+//! keys arrives, and only then is it written and does it supersede the client's previous
+//! session. A replayed `HANDSHAKE_INIT` that passes the timestamp check (the last accepted
+//! timestamp is lost with a restart) therefore creates nothing and ends nothing: its sender
+//! cannot confirm (SPEC §5).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -45,6 +52,8 @@ const REATTACH_PER_SECOND: u32 = 20;
 const LOADS_PER_SECOND: u32 = 200;
 /// Control-plane replay window (packets).
 const CONTROL_WINDOW: u64 = ReplayWindow::MIN_SIZE;
+/// A handshake not confirmed by the client within this many ms is forgotten.
+const CONFIRM_MS: u64 = 15_000;
 
 /// An authorised client (SPEC §9 `[[peer]]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +153,8 @@ pub struct GatewayStats {
     pub handshakes: u64,
     /// Handshake inits refused (unknown key, stale timestamp, undecryptable, store failure).
     pub handshakes_rejected: u64,
+    /// Handshakes answered but never confirmed by the client (replayed inits among them).
+    pub unconfirmed: u64,
     /// Reattaches accepted.
     pub reattach_accepted: u64,
     /// Reattaches refused.
@@ -174,6 +185,7 @@ pub struct Gateway {
     policy: Policy,
     peers: HashMap<[u8; 32], PeerState>,
     sessions: HashMap<SessionId, Live>,
+    provisional: HashMap<SessionId, Provisional>,
     by_ip: HashMap<IpAddr, SessionId>,
     pending: HashMap<u64, Pending>,
     next_request: u64,
@@ -191,6 +203,19 @@ struct PeerState {
     last_init: Option<u64>,
     /// The client's live session.
     session: Option<SessionId>,
+    /// The client's answered, unconfirmed handshake (at most one: a newer init replaces it).
+    provisional: Option<SessionId>,
+}
+
+/// A handshake answered but not confirmed: nothing written, nothing superseded yet.
+struct Provisional {
+    client_key: [u8; 32],
+    master: MasterSecret,
+    control: DirectionalKeys,
+    /// The version-1 record the confirmation commits, with its audit events.
+    record: SessionRecord,
+    events: Vec<AuditEvent>,
+    expires: Timestamp,
 }
 
 /// A session this gateway holds: the committed record and what is derived from it.
@@ -230,8 +255,9 @@ enum Pending {
         master: MasterSecret,
         record: SessionRecord,
         events: Vec<AuditEvent>,
+        /// The confirming packet, handled again once the session exists.
         path: Path,
-        ack: Vec<u8>,
+        packet: Vec<u8>,
     },
     Mutate {
         session: SessionId,
@@ -294,6 +320,7 @@ impl Gateway {
                     tunnel_ip: p.tunnel_ip,
                     last_init: None,
                     session: None,
+                    provisional: None,
                 };
                 (p.public_key, state)
             })
@@ -305,6 +332,7 @@ impl Gateway {
             policy: config.policy,
             peers,
             sessions: HashMap::new(),
+            provisional: HashMap::new(),
             by_ip: HashMap::new(),
             pending: HashMap::new(),
             next_request: 0,
@@ -459,9 +487,9 @@ impl Gateway {
                 record,
                 events,
                 path,
-                ack,
+                packet,
             } => self.created(
-                now, session, client_key, master, record, events, path, ack, outcome,
+                now, session, client_key, master, record, events, path, packet, outcome,
             ),
             Pending::Mutate {
                 session,
@@ -474,12 +502,28 @@ impl Gateway {
         }
     }
 
+    /// A restarted gateway takes back the live sessions the store says it owns, so that their
+    /// timers run and a new handshake from their client supersedes them. Records of other
+    /// owners, terminated ones and ones already held are skipped; returns whether `record`
+    /// was taken.
+    pub fn restore(&mut self, now: Timestamp, record: SessionRecord) -> bool {
+        if record.owner != self.node
+            || record.is_terminated()
+            || self.sessions.contains_key(&record.session_id)
+        {
+            return false;
+        }
+        self.arm(now);
+        self.adopt(now, record)
+    }
+
     /// A timer fired: dead bindings, passed deadlines.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         if self.next_tick.is_some_and(|t| t > now) {
             return;
         }
         self.next_tick = Some(now.plus(TICK_MS));
+        self.expire_provisional(now);
         let mut due = Vec::new();
         for (id, live) in &self.sessions {
             if live.busy {
@@ -494,6 +538,8 @@ impl Gateway {
                 due.push((*id, SessionEvent::TransportDead));
             }
         }
+        // Session IDs are random: sort so that the outputs do not depend on the map's order.
+        due.sort_unstable_by_key(|(id, _)| *id);
         for (id, event) in due {
             self.mutate(now, id, event, Then::Nothing);
         }
@@ -548,7 +594,6 @@ impl Gateway {
         }
         peer.last_init = Some(init.timestamp);
         let tunnel_ip = peer.tunnel_ip;
-        let superseded = peer.session;
 
         let session = SessionId::from_u128(self.entropy.next_u128());
         let transport_id = self.next_transport_id(now);
@@ -594,6 +639,39 @@ impl Gateway {
             self.stats.handshakes_rejected += 1;
             return;
         };
+        let stale = self
+            .peers
+            .get_mut(&client_key)
+            .and_then(|peer| peer.provisional.replace(session));
+        if let Some(stale) = stale {
+            self.provisional.remove(&stale);
+        }
+        let provisional = Provisional {
+            client_key,
+            control: master.control_keys(session),
+            master,
+            record: commit.record,
+            events: commit.events,
+            expires: now.plus(CONFIRM_MS),
+        };
+        self.provisional.insert(session, provisional);
+        self.out
+            .push_back(GatewayOutput::Transmit(Transmit { path, bytes: reply }));
+    }
+
+    /// A packet of the provisional `session` authenticated: the client holds the keys, so the
+    /// handshake was not a replay. Supersede its previous session and write the new one; the
+    /// packet is handled again once the write is done.
+    fn confirm(&mut self, now: Timestamp, path: Path, packet: &[u8], session: SessionId) {
+        let Some(p) = self.provisional.remove(&session) else {
+            return;
+        };
+        let superseded = self.peers.get_mut(&p.client_key).and_then(|peer| {
+            if peer.provisional == Some(session) {
+                peer.provisional = None;
+            }
+            peer.session
+        });
         if let Some(old) = superseded {
             self.mutate(
                 now,
@@ -604,19 +682,38 @@ impl Gateway {
                 Then::Nothing,
             );
         }
-        let id = self.request(StoreOp::Create(commit.record.clone()));
+        let id = self.request(StoreOp::Create(p.record.clone()));
         self.pending.insert(
             id,
             Pending::Create {
                 session,
-                client_key,
-                master,
-                record: commit.record,
-                events: commit.events,
+                client_key: p.client_key,
+                master: p.master,
+                record: p.record,
+                events: p.events,
                 path,
-                ack: reply,
+                packet: packet.to_vec(),
             },
         );
+    }
+
+    fn expire_provisional(&mut self, now: Timestamp) {
+        let expired: Vec<SessionId> = self
+            .provisional
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.provisional.remove(&id) {
+                self.stats.unconfirmed += 1;
+                if let Some(peer) = self.peers.get_mut(&p.client_key) {
+                    if peer.provisional == Some(id) {
+                        peer.provisional = None;
+                    }
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -629,12 +726,13 @@ impl Gateway {
         record: SessionRecord,
         events: Vec<AuditEvent>,
         path: Path,
-        ack: Vec<u8>,
+        packet: Vec<u8>,
         outcome: StoreOutcome,
     ) {
         if outcome != StoreOutcome::Written {
-            // The session does not exist; the client retries with a new init.
+            // The session does not exist; the client learns it when it next reattaches.
             self.stats.handshakes_rejected += 1;
+            self.notice(path, session, ReasonCode::StoreUnavailable);
             return;
         }
         self.stats.handshakes += 1;
@@ -647,8 +745,7 @@ impl Gateway {
         self.by_ip.insert(record.tunnel_ip, session);
         let live = Live::new(record, master, now);
         self.sessions.insert(session, live);
-        self.out
-            .push_back(GatewayOutput::Transmit(Transmit { path, bytes: ack }));
+        self.handle_packet(now, path, &packet);
     }
 
     // ---- reattach ----
@@ -717,7 +814,16 @@ impl Gateway {
         sealed: &[u8],
     ) {
         let Some(live) = self.sessions.get_mut(&session) else {
-            self.load_for_cache(now, session);
+            match self.provisional.get(&session) {
+                Some(p) => {
+                    if open_sealed(&p.control.to_gateway, bytes, counter, sealed).is_ok() {
+                        self.confirm(now, path, bytes, session);
+                    } else {
+                        self.stats.auth_failed += 1;
+                    }
+                }
+                None => self.load_for_cache(now, session),
+            }
             return;
         };
         let Ok(body) = open_sealed(&live.control.to_gateway, bytes, counter, sealed) else {
@@ -801,7 +907,23 @@ impl Gateway {
         sealed: &[u8],
     ) {
         let Some(live) = self.sessions.get_mut(&session) else {
-            self.load_for_cache(now, session);
+            match self.provisional.get(&session) {
+                Some(p) => {
+                    let authentic = p.record.binding.is_some_and(|b| {
+                        b.bound_at_version == bound_at && {
+                            let epoch = p.record.owner_epoch;
+                            let keys = p.master.binding_keys(session, bound_at, epoch);
+                            open_sealed(&keys.to_gateway, bytes, counter, sealed).is_ok()
+                        }
+                    });
+                    if authentic {
+                        self.confirm(now, path, bytes, session);
+                    } else {
+                        self.stats.auth_failed += 1;
+                    }
+                }
+                None => self.load_for_cache(now, session),
+            }
             return;
         };
         let Some(data) = live.data.as_mut().filter(|d| d.bound_at == bound_at) else {
@@ -1020,10 +1142,10 @@ impl Gateway {
     // ---- store reads ----
 
     fn load_for_cache(&mut self, now: Timestamp, session: SessionId) {
-        let loading = self
-            .pending
-            .values()
-            .any(|p| matches!(p, Pending::Load { session: s, .. } if *s == session));
+        let loading = self.pending.values().any(|p| match p {
+            Pending::Load { session: s, .. } | Pending::Create { session: s, .. } => *s == session,
+            Pending::Mutate { .. } => false,
+        });
         if !loading && self.loads.allow(now, LOADS_PER_SECOND) {
             self.load(session, AfterLoad::Cache);
         }
@@ -1064,26 +1186,34 @@ impl Gateway {
             }
             return;
         };
-        if !self.sessions.contains_key(&session) {
-            let Ok(master) = self.kek.open(session, &record.secrets) else {
-                // Sealed under another key: not ours to serve.
-                self.stats.auth_failed += 1;
-                return;
-            };
-            if let Some(peer) = self.peers.get_mut(&record.client_key) {
-                peer.session = Some(session);
-            }
-            self.by_ip.insert(record.tunnel_ip, session);
-            let mut live = Live::new(*record, master, now);
-            live.control_floor = live.record.last_nonce;
-            if let Some(data) = live.data.as_mut() {
-                data.resumed = true;
-            }
-            self.sessions.insert(session, live);
+        if !self.sessions.contains_key(&session) && !self.adopt(now, *record) {
+            return;
         }
         if let AfterLoad::Reattach { request, path } = then {
             self.on_reattach(now, path, request);
         }
+    }
+
+    /// Holds `record`, read from the store, with keys recomputed from its sealed secret:
+    /// nothing is sent under them until the client reattaches (their counters are lost).
+    fn adopt(&mut self, now: Timestamp, record: SessionRecord) -> bool {
+        let session = record.session_id;
+        let Ok(master) = self.kek.open(session, &record.secrets) else {
+            // Sealed under another key: not ours to serve.
+            self.stats.auth_failed += 1;
+            return false;
+        };
+        if let Some(peer) = self.peers.get_mut(&record.client_key) {
+            peer.session = Some(session);
+        }
+        self.by_ip.insert(record.tunnel_ip, session);
+        let mut live = Live::new(record, master, now);
+        live.control_floor = live.record.last_nonce;
+        if let Some(data) = live.data.as_mut() {
+            data.resumed = true;
+        }
+        self.sessions.insert(session, live);
+        true
     }
 
     // ---- helpers ----

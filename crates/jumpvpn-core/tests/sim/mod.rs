@@ -568,12 +568,16 @@ impl Sim {
         self.pump();
     }
 
-    /// A world whose client has connected and established its session (within 10 s: a lossy
-    /// link may lose an init or two).
+    /// A world whose client has connected and established its session, confirmed and stored
+    /// by the gateway (within 10 s: a lossy link may lose an init or two).
     pub fn established(config: SimConfig) -> Self {
         let mut sim = Self::new(config);
         sim.connect();
-        let up = sim.run_until_cond(10_000, |s| s.client.session().is_some());
+        let up = sim.run_until_cond(10_000, |s| {
+            s.client
+                .session()
+                .is_some_and(|id| s.store.records.contains_key(&id))
+        });
         assert!(up, "the handshake completes");
         sim
     }
@@ -1008,6 +1012,10 @@ impl Sim {
         self.generation += 1;
         let seed = self.rng.seed32();
         self.gateway = Gateway::new(gateway_config(&self.config.policy, seed));
+        // As the driver does at start: take back the live sessions this node owns.
+        for record in self.store.records.values() {
+            self.gateway.restore(self.now, record.clone());
+        }
         for c in 0..self.tcp.len() {
             if self.tcp[c].is_some_and(|c| !c.closing) {
                 self.peer_closes(c);
