@@ -77,8 +77,13 @@ pub struct InjectArgs {
     #[arg(long)]
     pub to: SocketAddr,
     /// Local address to send from (default: any).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "spoof_source")]
     pub bind: Option<SocketAddr>,
+    /// Send as if from this IPv4 address and port, which another socket holds (e.g. the
+    /// client's own, so that replays arrive from its bound address): the UDP header is written
+    /// here and sent on a raw socket (root).
+    #[arg(long)]
+    pub spoof_source: Option<SocketAddr>,
     /// A capture file (one hex datagram per line) for replay, forge-proof and bitflip.
     #[arg(long)]
     pub capture: Option<PathBuf>,
@@ -102,6 +107,37 @@ pub struct StreamReport {
     pub bytes: u64,
     /// Whether every byte was the expected one.
     pub in_order: bool,
+}
+
+/// Sends `datagrams` to `to` as UDP from `from` over a raw IPv4 socket bound to `from`'s
+/// address: the kernel writes the IP header, this writes the UDP one (checksum 0, which IPv4
+/// allows), so the port can be one another socket holds.
+fn send_spoofed(from: SocketAddr, to: SocketAddr, datagrams: &[Vec<u8>]) -> anyhow::Result<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    anyhow::ensure!(
+        from.is_ipv4() && to.is_ipv4(),
+        "--spoof-source: IPv4 only ({from} to {to})"
+    );
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .context("--spoof-source: cannot open a raw socket (root needed)")?;
+    socket
+        .bind(&SockAddr::from(SocketAddr::new(from.ip(), 0)))
+        .with_context(|| format!("--spoof-source: cannot bind {}", from.ip()))?;
+    let dest = SockAddr::from(SocketAddr::new(to.ip(), 0));
+    let mut packet = Vec::with_capacity(1500);
+    for d in datagrams {
+        let len = u16::try_from(d.len() + 8).context("datagram too long")?;
+        packet.clear();
+        packet.extend_from_slice(&from.port().to_be_bytes());
+        packet.extend_from_slice(&to.port().to_be_bytes());
+        packet.extend_from_slice(&len.to_be_bytes());
+        packet.extend_from_slice(&[0, 0]);
+        packet.extend_from_slice(d);
+        socket
+            .send_to(&packet, &dest)
+            .with_context(|| format!("--spoof-source: cannot send to {to}"))?;
+    }
+    Ok(())
 }
 
 /// Byte `i` of the pattern.
@@ -236,16 +272,6 @@ fn read_capture(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 async fn inject(args: &InjectArgs) -> anyhow::Result<()> {
-    let bind = args.bind.unwrap_or_else(|| {
-        if args.to.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
-        }
-    });
-    let socket = tokio::net::UdpSocket::bind(bind)
-        .await
-        .with_context(|| format!("cannot bind {bind}"))?;
     let capture = match &args.capture {
         Some(path) => read_capture(path)?,
         None => Vec::new(),
@@ -295,8 +321,23 @@ async fn inject(args: &InjectArgs) -> anyhow::Result<()> {
             }
         }
     }
-    for d in &datagrams {
-        socket.send_to(d, args.to).await?;
+    match args.spoof_source {
+        Some(from) => send_spoofed(from, args.to, &datagrams)?,
+        None => {
+            let bind = args.bind.unwrap_or_else(|| {
+                if args.to.is_ipv4() {
+                    SocketAddr::from(([0, 0, 0, 0], 0))
+                } else {
+                    SocketAddr::from(([0u16; 8], 0))
+                }
+            });
+            let socket = tokio::net::UdpSocket::bind(bind)
+                .await
+                .with_context(|| format!("cannot bind {bind}"))?;
+            for d in &datagrams {
+                socket.send_to(d, args.to).await?;
+            }
+        }
     }
     println!("{}", datagrams.len());
     Ok(())

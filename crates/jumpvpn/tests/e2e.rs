@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use jumpvpn::lab::{event_type, Lab, LabOptions, PORT};
+use jumpvpn::lab::{event_type, wait_until, Lab, LabOptions, PORT};
 use serde_json::Value;
 
 const EXE: &str = env!("CARGO_BIN_EXE_jumpvpn");
@@ -169,6 +169,29 @@ fn replays_forgeries_and_garbage_move_nothing() {
     inject(&lab, &["--mode", "random", "--count", "3000"]);
     lab.wait_tunnel(Duration::from_secs(10))
         .expect("the session is unaffected: traffic flows");
+    let replays_seen = count_reason(&lab.gateway_events(), "REPLAY_DETECTED");
+    assert!(replays_seen > 0, "the replayed reattach was refused");
+
+    // From the bound address itself: every captured datagram again, sent as the client's own
+    // socket (through the same NAT mapping), where replayed data meets the replay window.
+    let source = client_udp_source(&lab);
+    inject(
+        &lab,
+        &[
+            "--mode",
+            "replay",
+            "--capture",
+            &capture,
+            "--spoof-source",
+            &source,
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the bound-address replays", || {
+        Ok(count_reason(&lab.gateway_events(), "REPLAY_DETECTED") > replays_seen)
+    })
+    .expect("the replayed reattach from the bound address was refused");
+    lab.wait_tunnel(Duration::from_secs(10))
+        .expect("the session is unaffected: traffic flows");
 
     let events = lab.gateway_events();
     assert_eq!(latest_version(&events), version, "nothing moved");
@@ -194,11 +217,60 @@ fn replays_forgeries_and_garbage_move_nothing() {
     assert!(events
         .iter()
         .all(|e| e["session_id"].as_str().is_none_or(|s| s == session)));
+
+    // After a restart the gateway no longer knows the last init timestamp, so the replayed
+    // init is answered; its sender cannot confirm it, so it creates and supersedes nothing.
+    lab.kill_gateway().expect("kill -9");
+    lab.start_gateway().expect("restart on the same store");
+    let switches = count(&lab.gateway_events(), "TRANSPORT_SWITCH");
+    wait_until(
+        Duration::from_secs(30),
+        "the reattach after restart",
+        || Ok(count(&lab.gateway_events(), "TRANSPORT_SWITCH") > switches),
+    )
+    .expect("the client reattached");
+    lab.wait_tunnel(Duration::from_secs(10)).expect("traffic");
+    let version = latest_version(&lab.gateway_events());
+    inject(&lab, &["--mode", "replay", "--capture", &capture]);
+    lab.wait_tunnel(Duration::from_secs(10))
+        .expect("the session is unaffected: traffic flows");
+    let events = lab.gateway_events();
+    assert_eq!(latest_version(&events), version, "nothing moved");
+    assert_eq!(count(&events, "SESSION_CREATED"), 1, "no second session");
+    assert_eq!(count_reason(&events, "SESSION_SUPERSEDED"), 0);
     assert!(
         lab.stop().expect("stops"),
         "the gateway survived and shut down cleanly"
     );
     audit_verify(&lab);
+}
+
+/// Events of the gateway log with this reason code.
+fn count_reason(events: &[Value], reason: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["reason_code"].as_str() == Some(reason))
+        .count()
+}
+
+/// The client's UDP socket as its namespace sees it (before the NAT), from `ss`.
+fn client_udp_source(lab: &Lab) -> String {
+    let out = lab
+        .topology
+        .client()
+        .command("ss")
+        .args(["-Hunap"])
+        .output()
+        .expect("ss runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("\"jumpvpn\""))
+        .unwrap_or_else(|| panic!("no UDP socket of the client in:\n{text}"));
+    line.split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("no local address in {line:?}"))
+        .to_owned()
 }
 
 #[test]

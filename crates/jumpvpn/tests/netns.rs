@@ -368,3 +368,34 @@ fn tun_device_gets_its_address_mtu_and_link_up_and_goes_away_on_drop() {
         .expect("run ip");
     assert!(!gone.status.success(), "{name} still exists after drop");
 }
+
+#[test]
+fn spoofed_injection_arrives_from_the_address_of_the_socket_it_imitates() {
+    // `debug inject --spoof-source` is how the end-to-end tests replay datagrams from the
+    // client's bound address while the client holds the port: through the same NAT mapping.
+    must_be_root();
+    let topo = Topology::new(&tag("spoof")).expect("create topology");
+    let (mut gateway, mut client) = udp_pair(&topo, 51822);
+    let real = client_to_gateway(&mut client, &mut gateway).expect("datagram arrives");
+    assert_ne!(real.port(), client.local.port(), "behind the NAT");
+
+    let imitated = SocketAddr::new(topo.client_ip().into(), client.local.port());
+    let out = topo
+        .client()
+        .command(env!("CARGO_BIN_EXE_jumpvpn"))
+        .args(["debug", "inject", "--mode", "random", "--count", "1"])
+        .args(["--to", &gateway.local.to_string()])
+        .args(["--spoof-source", &imitated.to_string()])
+        .output()
+        .expect("inject runs");
+    assert!(
+        out.status.success(),
+        "inject failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        gateway.recv(5.0),
+        Some(real),
+        "the injected datagram carries the socket's own (translated) source"
+    );
+}
