@@ -411,7 +411,9 @@ fn replayed_init_after_a_gateway_restart_creates_nothing() {
     // The first copy is answered and never confirmed; the next two are stale against it.
     assert_eq!(stats.unconfirmed, 1);
     assert_eq!(stats.handshakes_rejected, 2);
-    assert!(sim.gw_events("STATE_CHANGE", "SESSION_SUPERSEDED").is_empty());
+    assert!(sim
+        .gw_events("STATE_CHANGE", "SESSION_SUPERSEDED")
+        .is_empty());
     assert_eq!(sim.security_events("SEC_REPLAY_ATTEMPT").len(), 2);
     let end = before(sim.now, 100);
     assert_eq!(sim.up.lost(Timestamp(end.as_millis() - 15_000), end), 0);
