@@ -158,6 +158,49 @@ fn nat_rebinding_is_answered_by_a_hint_and_a_reattach_within_one_rtt() {
     sim.assert_clean_single_session();
 }
 
+#[test]
+fn back_to_back_rebindings_are_each_hinted_at_once() {
+    // Hints are rate-limited per binding, not per session: a second rebinding right after a
+    // reattach is hinted as promptly as the first. (Anti-flap is relaxed, as real NATs do not
+    // rebind every 100 ms; `jumpvpn debug bench-reattach` does the same.)
+    let mut config = SimConfig::new(21);
+    config.policy.switch_cooldown_ms = 1;
+    config.policy.max_switches_per_min = 1_000;
+    config.traffic_interval_ms = Some(10);
+    let mut sim = Sim::established(config);
+    let rtt = sim.config.udp.rtt();
+    let interval = sim.config.traffic_interval_ms.expect("traffic");
+    sim.run_for(5_000);
+    let mut last = None;
+    for jump in 0..5u64 {
+        let rebind_at = sim.now;
+        let new_addr = sim.rebind_nat();
+        assert!(sim.run_until_cond(5_000, |s| s.switches().len() as u64 > jump));
+        let committed = sim.store.commits.last().expect("a commit").0;
+        let first_new = sim.first_seen[&new_addr];
+        assert!(
+            committed.since(first_new) <= rtt + 2,
+            "jump {jump}: commit {} ms after the first packet from the new address",
+            committed.since(first_new)
+        );
+        assert!(
+            committed.since(rebind_at) <= interval + 2 * rtt + 2,
+            "jump {jump}: switched {} ms after the rebinding",
+            committed.since(rebind_at)
+        );
+        if let Some(previous) = last {
+            assert!(
+                rebind_at.since(previous) < 100,
+                "the jumps come faster than the hint limit"
+            );
+        }
+        last = Some(committed);
+    }
+    assert_eq!(sim.switches().len(), 5);
+    sim.run_for(2_000);
+    sim.assert_clean_single_session();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. UDP blocked: fall back to TCP, then return
 // ---------------------------------------------------------------------------------------------

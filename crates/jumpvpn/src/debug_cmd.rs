@@ -27,6 +27,21 @@ pub enum DebugCommand {
     StreamClient(StreamClientArgs),
     /// Send datagrams at a gateway.
     Inject(InjectArgs),
+    /// Echo every UDP datagram back to its sender.
+    UdpEcho {
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send a numbered UDP datagram every interval; print `reply SEQ RTT_US` for each echo.
+    UdpProbe {
+        /// The echo server.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Microseconds between datagrams.
+        #[arg(long, default_value_t = 1_000)]
+        interval_us: u64,
+    },
     /// Reattach latency over many NAT rebindings (a benchmark; needs root).
     BenchReattach {
         /// How many jumps.
@@ -159,10 +174,65 @@ pub fn run(command: &DebugCommand) -> anyhow::Result<Status> {
             DebugCommand::StreamServer(args) => stream_server(args).await,
             DebugCommand::StreamClient(args) => stream_client(args).await,
             DebugCommand::Inject(args) => inject(args).await,
+            DebugCommand::UdpEcho { listen } => udp_echo(*listen).await,
+            DebugCommand::UdpProbe { to, interval_us } => udp_probe(*to, *interval_us).await,
             DebugCommand::BenchReattach { .. } => Ok(()),
         }
     })?;
     Ok(Status::Success)
+}
+
+async fn udp_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let socket = tokio::net::UdpSocket::bind(listen)
+        .await
+        .with_context(|| format!("cannot bind {listen}"))?;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (len, from) = socket.recv_from(&mut buf).await?;
+        let _ = socket.send_to(&buf[..len], from).await;
+    }
+}
+
+/// Unlike `ping`, which waits 10 ms between sends while replies are outstanding (so after an
+/// outage its cadence drops), this keeps its interval whatever is lost.
+async fn udp_probe(to: SocketAddr, interval_us: u64) -> anyhow::Result<()> {
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket
+        .connect(to)
+        .await
+        .with_context(|| format!("cannot reach {to}"))?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_micros(interval_us.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = std::time::Instant::now();
+    let mut seq = 0u64;
+    let mut buf = [0u8; 64];
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                let mut datagram = [0u8; 16];
+                datagram[..8].copy_from_slice(&seq.to_be_bytes());
+                let sent_us = start.elapsed().as_micros() as u64;
+                datagram[8..].copy_from_slice(&sent_us.to_be_bytes());
+                // A send into a broken path fails or vanishes; the sequence goes on.
+                let _ = socket.send(&datagram).await;
+            }
+            received = socket.recv(&mut buf) => {
+                if let Ok(16) = received {
+                    let field = |at: usize| {
+                        let mut bytes = [0u8; 8];
+                        bytes.copy_from_slice(&buf[at..at + 8]);
+                        u64::from_be_bytes(bytes)
+                    };
+                    let rtt_us = (start.elapsed().as_micros() as u64).saturating_sub(field(8));
+                    writeln!(out, "reply {} {rtt_us}", field(0))?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
 }
 
 async fn stream_server(args: &StreamServerArgs) -> anyhow::Result<()> {

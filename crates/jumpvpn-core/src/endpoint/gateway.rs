@@ -43,7 +43,7 @@ use crate::wire::{Control, HandshakeAckPayload, Packet, ReattachRequest};
 
 /// How often the gateway scans its sessions for dead bindings and passed deadlines.
 const TICK_MS: u64 = 100;
-/// At most one `REATTACH_HINT` per session in this many ms.
+/// At most one `REATTACH_HINT` per binding of a session in this many ms.
 const HINT_INTERVAL_MS: u64 = 100;
 /// Reattach requests per session: at most this many per second (SPEC §4 step 2).
 const REATTACH_PER_SECOND: u32 = 20;
@@ -1086,6 +1086,8 @@ impl Gateway {
         if rebound {
             live.data = DataPlane::of(&live.master, &record);
             live.last_rx = now;
+            // The hint limit is per binding: the next path change is hinted at once.
+            live.last_hint = None;
         }
         let volatile = matches!(
             record.state,
