@@ -246,13 +246,39 @@ impl AeadKey {
 
     /// Opens what [`AeadKey::seal`] produced.
     pub fn open(&self, counter: u64, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let mut plaintext = Vec::with_capacity(sealed.len());
+        self.open_into(counter, aad, sealed, &mut plaintext)?;
+        Ok(plaintext)
+    }
+
+    /// Opens what [`AeadKey::seal`] produced and appends the plaintext to `out` (decrypted in
+    /// place there: one copy, no allocation when `out` has room). On failure `out` is left as
+    /// it was.
+    pub fn open_into(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        sealed: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), OpenError> {
         let split = sealed.len().checked_sub(TAG_LEN).ok_or(OpenError)?;
         let (ciphertext, tag) = sealed.split_at(split);
-        let mut plaintext = ciphertext.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(&nonce(counter), aad, &mut plaintext, Tag::from_slice(tag))
-            .map_err(|_| OpenError)?;
-        Ok(plaintext)
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        let opened = match out.get_mut(start..) {
+            Some(body) => self.cipher.decrypt_in_place_detached(
+                &nonce(counter),
+                aad,
+                body,
+                Tag::from_slice(tag),
+            ),
+            None => Err(chacha20poly1305::aead::Error),
+        };
+        if opened.is_err() {
+            out.truncate(start);
+            return Err(OpenError);
+        }
+        Ok(())
     }
 }
 
