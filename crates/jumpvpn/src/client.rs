@@ -118,7 +118,7 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
         capture,
     };
     let mut udp_buf = vec![0u8; BatchUdp::RECV_BUFFER];
-    let mut tun_in = TunReader::new();
+    let mut tun_in = TunReader::new(tun::DEFAULT_MTU);
     let mut tun_out = TunWriter::new();
     let mut sealed: GsoBatch<usize> = GsoBatch::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

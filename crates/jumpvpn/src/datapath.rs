@@ -55,11 +55,14 @@ pub(crate) struct TunReader {
 }
 
 impl TunReader {
-    pub(crate) fn new() -> Self {
-        // Zeroed allocations: the pages a short packet never touches are never made resident.
+    /// Buffers for a device of this MTU: the segments of a super-packet are at most that long;
+    /// only a packet that comes whole (the first buffer) may be longer.
+    pub(crate) fn new(mtu: u16) -> Self {
+        let mut bufs = vec![vec![0; MAX_PACKET]];
+        bufs.extend((1..IDEAL_BATCH_SIZE).map(|_| vec![0; usize::from(mtu)]));
         Self {
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            bufs: vec![vec![0; MAX_PACKET]; IDEAL_BATCH_SIZE],
+            bufs,
             sizes: vec![0; IDEAL_BATCH_SIZE],
             count: 0,
         }

@@ -162,7 +162,7 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
     let mut tcp_writers: HashMap<Path, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut udp = BatchUdp::new(udp);
     let mut udp_buf = vec![0u8; BatchUdp::RECV_BUFFER];
-    let mut tun_in = TunReader::new();
+    let mut tun_in = TunReader::new(tun::DEFAULT_MTU);
     let mut tun_out = TunWriter::new();
     let mut sealed: GsoBatch<Path> = GsoBatch::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
