@@ -11,7 +11,9 @@
 //! - **Control keys**: derived from (master secret, session), one per direction, so control
 //!   messages (`REDIRECT`, `TERMINATE`, …) stay authenticated across bindings.
 //! - **Sealing**: ChaCha20-Poly1305, the nonce being the 64-bit packet counter (little-endian,
-//!   after four zero bytes), the packet header as associated data.
+//!   after four zero bytes), the packet header as associated data. The cipher is `ring`'s
+//!   (assembly, about three times faster per packet than a portable implementation on the
+//!   machines we measured: it is most of the data path's CPU time).
 //!
 //! Every derivation is a MAC under the master secret with its own label, so no two purposes
 //! ever share a key. Secret bytes are zeroed when dropped and never shown by `Debug`.
@@ -20,8 +22,7 @@ use std::fmt;
 
 use blake2::digest::Mac;
 use blake2::Blake2sMac256;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -217,13 +218,18 @@ impl std::error::Error for OpenError {}
 
 /// A ChaCha20-Poly1305 key. Its `Debug` shows nothing of it.
 pub struct AeadKey {
-    cipher: ChaCha20Poly1305,
+    // `LessSafeKey` leaves nonce uniqueness to the caller: every nonce here is a counter that
+    // never repeats under one key (a fresh key per binding, counters from 0).
+    key: LessSafeKey,
 }
 
 impl AeadKey {
     fn new(key: Zeroizing<[u8; 32]>) -> Self {
+        let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, key.as_slice()) else {
+            unreachable!("a 32-byte key is valid for ChaCha20-Poly1305")
+        };
         Self {
-            cipher: ChaCha20Poly1305::new(Key::from_slice(key.as_slice())),
+            key: LessSafeKey::new(unbound),
         }
     }
 
@@ -236,23 +242,55 @@ impl AeadKey {
             return;
         };
         // Encryption fails only for messages longer than ChaCha20's 256 GiB limit, far beyond
-        // a packet; an empty tag would make the packet fail to open, never leak.
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(&nonce(counter), aad, body)
-            .unwrap_or_default();
-        out.extend_from_slice(&tag);
+        // a packet. Should it fail, the body is zeroed and the tag left zero: the packet then
+        // fails to open and leaks nothing.
+        match self
+            .key
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), body)
+        {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            Err(_) => {
+                body.fill(0);
+                out.extend_from_slice(&[0; TAG_LEN]);
+            }
+        }
     }
 
     /// Opens what [`AeadKey::seal`] produced.
     pub fn open(&self, counter: u64, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let mut plaintext = Vec::with_capacity(sealed.len());
+        self.open_into(counter, aad, sealed, &mut plaintext)?;
+        Ok(plaintext)
+    }
+
+    /// Opens what [`AeadKey::seal`] produced and appends the plaintext to `out` (decrypted in
+    /// place there: one copy, no allocation when `out` has room). On failure `out` is left as
+    /// it was.
+    pub fn open_into(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        sealed: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), OpenError> {
         let split = sealed.len().checked_sub(TAG_LEN).ok_or(OpenError)?;
         let (ciphertext, tag) = sealed.split_at(split);
-        let mut plaintext = ciphertext.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(&nonce(counter), aad, &mut plaintext, Tag::from_slice(tag))
-            .map_err(|_| OpenError)?;
-        Ok(plaintext)
+        let tag = Tag::try_from(tag).map_err(|_| OpenError)?;
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        let opened = match out.get_mut(start..) {
+            Some(body) => self
+                .key
+                .open_in_place_separate_tag(nonce(counter), Aad::from(aad), tag, body, 0..)
+                .is_ok(),
+            None => false,
+        };
+        if !opened {
+            // What a failed open left there is unspecified: none of it is kept.
+            out.truncate(start);
+            return Err(OpenError);
+        }
+        Ok(())
     }
 }
 
@@ -265,5 +303,5 @@ impl fmt::Debug for AeadKey {
 fn nonce(counter: u64) -> Nonce {
     let mut bytes = [0u8; 12];
     bytes[4..].copy_from_slice(&counter.to_le_bytes());
-    *Nonce::from_slice(&bytes)
+    Nonce::assume_unique_for_key(bytes)
 }

@@ -32,6 +32,12 @@ pub const PROOF_LEN: usize = 32;
 pub const TAG_LEN: usize = 16;
 /// Largest packet accepted (a jumbo frame plus headers).
 pub const MAX_PACKET: usize = 65_535;
+/// Bytes of a `DATA` header: type, version, session, bound_at_version, counter.
+pub const DATA_HEADER_LEN: usize = 2 + 16 + 8 + 8;
+/// Bytes a `DATA` packet adds to the IP packet it carries (header and tag).
+pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
+/// Bytes of a `CONTROL` header: type, version, session, counter.
+const CONTROL_HEADER_LEN: usize = 2 + 16 + 8;
 
 /// Message types, the first byte of every packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,8 +354,8 @@ impl<'a> Packet<'a> {
     /// sealed part. `None` for packets that are not sealed.
     pub fn associated_data(bytes: &[u8]) -> Option<&[u8]> {
         match bytes.first() {
-            Some(4) => bytes.get(..2 + 16 + 8),
-            Some(5) => bytes.get(..2 + 16 + 8 + 8),
+            Some(4) => bytes.get(..CONTROL_HEADER_LEN),
+            Some(5) => bytes.get(..DATA_HEADER_LEN),
             _ => None,
         }
     }

@@ -4,9 +4,13 @@
 //! driver opens them on first use: a connected UDP socket per UDP candidate, a TCP connection
 //! per TCP candidate (reconnected on the next send after it failed). One task feeds the
 //! endpoint with TUN packets, received packets, transport failures and timers, and drains its
-//! outputs after each.
+//! outputs after each. It reads the UDP sockets itself; TCP connections have reader tasks.
+//!
+//! The data path moves batches, as the gateway's does (see [`crate::datapath`]).
 
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::io::Write as _;
+use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -21,10 +25,14 @@ use zeroize::Zeroizing;
 use crate::audit_log::AuditLog;
 use crate::cli::ConfigArgs;
 use crate::config::{self, ClientConfig};
+use crate::datapath::{BatchUdp, GsoBatch, TunReader, TunWriter};
 use crate::driver::{self, client_node_name, read_frame, write_frame, Clock, MAX_FRAME, TCP_QUEUE};
 use crate::{tun, Status};
 
 const AUDIT_QUEUE: usize = 16_384;
+/// Reads of the TUN device, or receives from a UDP socket, per wake-up at most (each one a
+/// batch), so that one direction does not starve the other and the timers.
+const RECV_ROUNDS: usize = 8;
 
 /// Runs `jumpvpn client --config FILE` until SIGTERM or SIGINT.
 pub fn run(args: &ConfigArgs) -> anyhow::Result<Status> {
@@ -41,11 +49,21 @@ enum Net {
 
 /// An open transport of one candidate.
 enum Transport {
-    Udp(Arc<UdpSocket>),
+    Udp(BatchUdp),
     Tcp {
         writer: mpsc::Sender<Vec<u8>>,
         generation: u64,
     },
+}
+
+/// The transports of the candidates, opened on first use.
+struct Transports {
+    candidates: Vec<CandidateSpec>,
+    open: Vec<Option<Transport>>,
+    generation: u64,
+    net: mpsc::Sender<Net>,
+    /// A debugging aid (and the replay tests' source): every UDP datagram sent, in hex.
+    capture: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 fn wall_clock_ns() -> u64 {
@@ -85,85 +103,127 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
 
     let clock = Clock::new();
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(4096);
-    let mut transports: Vec<Option<Transport>> = candidates.iter().map(|_| None).collect();
-    let mut generation = 0u64;
-    let mut tun_buf = vec![0u8; MAX_FRAME];
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
-
-    // A debugging aid (and the replay tests' source): every UDP datagram sent, in hex.
-    let mut capture = match std::env::var_os("JUMPVPN_CAPTURE") {
+    let capture = match std::env::var_os("JUMPVPN_CAPTURE") {
         Some(path) => Some(std::io::BufWriter::new(
             std::fs::File::create(&path)
                 .with_context(|| format!("JUMPVPN_CAPTURE: cannot create {path:?}"))?,
         )),
         None => None,
     };
+    let mut transports = Transports {
+        open: candidates.iter().map(|_| None).collect(),
+        candidates: candidates.clone(),
+        generation: 0,
+        net: net_tx,
+        capture,
+    };
+    let mut udp_buf = vec![0u8; BatchUdp::RECV_BUFFER];
+    let mut tun_in = TunReader::new(tun::DEFAULT_MTU);
+    let mut tun_out = TunWriter::new();
+    let mut sealed: GsoBatch<usize> = GsoBatch::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let timer = tokio::time::sleep(std::time::Duration::from_secs(1));
+    tokio::pin!(timer);
 
     client.connect(clock.now(), wall_clock_ns());
     loop {
         while let Some(output) = client.poll_output() {
             match output {
                 ClientOutput::Transmit { candidate, bytes } => {
-                    let Some(spec) = candidates.get(candidate) else {
-                        continue;
-                    };
-                    let slot = &mut transports[candidate];
-                    if slot.is_none() {
-                        generation += 1;
-                        *slot = open(candidate, *spec, generation, net_tx.clone()).await;
-                    }
-                    match slot {
-                        Some(Transport::Udp(socket)) => {
-                            let _ = socket.try_send(&bytes);
-                            if let Some(capture) = capture.as_mut() {
-                                use std::io::Write as _;
-                                let hex: String =
-                                    bytes.iter().map(|b| format!("{b:02x}")).collect();
-                                let _ = writeln!(capture, "{hex}");
-                                let _ = capture.flush();
-                            }
-                        }
-                        Some(Transport::Tcp { writer, .. }) => {
-                            let _ = writer.try_send(bytes);
-                        }
-                        None => {}
-                    }
+                    transports.send(candidate, bytes).await;
                 }
-                ClientOutput::Tun(packet) => {
-                    if let Err(error) = tun.send(&packet).await {
-                        tracing::debug!("tun write failed: {error}");
-                    }
-                }
+                ClientOutput::Tun(packet) => tun_out.push(&tun, &packet).await,
                 ClientOutput::Audit(event) => audit.emit(event),
                 ClientOutput::Event(event) => log_event(&event, &candidates),
             }
         }
+        tun_out.flush(&tun).await;
         let deadline = client
             .poll_timeout()
             .map(|t| clock.instant(t))
             .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
-            read = tun.recv(&mut tun_buf) => match read {
-                Ok(len) => client.handle_tun(clock.now(), &tun_buf[..len]),
-                Err(error) => tracing::warn!("tun read failed: {error}"),
+            ready = tun.readable() => if ready.is_ok() {
+                let now = clock.now();
+                for _ in 0..RECV_ROUNDS {
+                    match tun_in.try_read(&tun) {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(error) => {
+                            tracing::warn!("tun read failed: {error}");
+                            break;
+                        }
+                    }
+                    for packet in tun_in.packets() {
+                        let start = sealed.buf.len();
+                        let Some(candidate) = client.handle_tun_into(now, packet, &mut sealed.buf)
+                        else {
+                            continue;
+                        };
+                        if !transports.is_udp(candidate) {
+                            let bytes = sealed.buf.split_off(start);
+                            transports.send(candidate, bytes).await;
+                            continue;
+                        }
+                        if let Some((to, run, segment)) = sealed.add(candidate, start) {
+                            transports.send_run(to, run, segment).await;
+                            sealed.restart(candidate, start);
+                        }
+                    }
+                }
+                if let Some((to, run, segment)) = sealed.pending() {
+                    transports.send_run(to, run, segment).await;
+                }
+                sealed.clear();
+            },
+            candidate = poll_fn(|cx| transports.poll_udp_readable(cx)) => {
+                let now = clock.now();
+                for _ in 0..RECV_ROUNDS {
+                    let Some(Some(Transport::Udp(socket))) = transports.open.get_mut(candidate)
+                    else {
+                        break;
+                    };
+                    // Errors: nothing more pending, or an ICMP error reported on the connected
+                    // socket; the endpoint's dead detection decides, not one error.
+                    let Ok(received) = socket.try_recv(&mut udp_buf) else {
+                        break;
+                    };
+                    for datagram in received.datagrams(&udp_buf) {
+                        if tun_out.is_full() {
+                            tun_out.flush(&tun).await;
+                        }
+                        if let Some(slot) = tun_out.slot() {
+                            if client.handle_packet_into(now, candidate, datagram, slot) {
+                                tun_out.commit();
+                            }
+                        }
+                    }
+                }
+                tun_out.flush(&tun).await;
             },
             Some(net) = net_rx.recv() => match net {
-                Net::Packet { candidate, bytes } => client.handle_packet(clock.now(), candidate, &bytes),
+                Net::Packet { candidate, bytes } => {
+                    if let Some(slot) = tun_out.slot() {
+                        if client.handle_packet_into(clock.now(), candidate, &bytes, slot) {
+                            tun_out.commit();
+                        }
+                    }
+                }
                 Net::Failed { candidate, generation } => {
-                    let current = matches!(
-                        transports.get(candidate),
-                        Some(Some(Transport::Tcp { generation: g, .. })) if *g == generation
-                    );
-                    if current {
-                        transports[candidate] = None;
+                    if transports.failed(candidate, generation) {
                         client.handle_transport_error(clock.now(), candidate);
                     }
                 }
             },
-            () = tokio::time::sleep_until(deadline) => client.handle_timeout(clock.now(), wall_clock_ns()),
+            () = &mut timer => client.handle_timeout(clock.now(), wall_clock_ns()),
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); break; }
+            _ = &mut ctrl_c => { tracing::info!("interrupted: shutting down"); break; }
         }
     }
     drop(audit);
@@ -171,6 +231,82 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
         tracing::error!("audit log: {error}");
     }
     Ok(())
+}
+
+impl Transports {
+    /// Whether `candidate` is a UDP candidate.
+    fn is_udp(&self, candidate: usize) -> bool {
+        self.candidates
+            .get(candidate)
+            .is_some_and(|c| c.proto == Proto::Udp)
+    }
+
+    /// The open transport of `candidate`, opening it first if needed.
+    async fn get(&mut self, candidate: usize) -> Option<&mut Transport> {
+        let spec = *self.candidates.get(candidate)?;
+        let slot = self.open.get_mut(candidate)?;
+        if slot.is_none() {
+            self.generation += 1;
+            *slot = open(candidate, spec, self.generation, self.net.clone()).await;
+        }
+        slot.as_mut()
+    }
+
+    /// Sends one packet on `candidate`.
+    async fn send(&mut self, candidate: usize, bytes: Vec<u8>) {
+        let len = bytes.len();
+        match self.get(candidate).await {
+            Some(Transport::Udp(_)) => self.send_run(candidate, &bytes, len).await,
+            Some(Transport::Tcp { writer, .. }) => {
+                let _ = writer.try_send(bytes);
+            }
+            None => {}
+        }
+    }
+
+    /// Sends `run`, datagrams of `segment` bytes (the last may be shorter), on the UDP
+    /// `candidate`.
+    async fn send_run(&mut self, candidate: usize, run: &[u8], segment: usize) {
+        if let Some(capture) = self.capture.as_mut() {
+            for datagram in run.chunks(segment.max(1)) {
+                let hex: String = datagram.iter().map(|b| format!("{b:02x}")).collect();
+                let _ = writeln!(capture, "{hex}");
+            }
+            let _ = capture.flush();
+        }
+        if let Some(Transport::Udp(socket)) = self.get(candidate).await {
+            socket.send(None, run, segment).await;
+        }
+    }
+
+    /// A TCP transport reported its end: forgets it if it is still the current one of
+    /// `candidate`, and says so.
+    fn failed(&mut self, candidate: usize, generation: u64) -> bool {
+        let Some(slot) = self.open.get_mut(candidate) else {
+            return false;
+        };
+        let current = matches!(
+            slot,
+            Some(Transport::Tcp { generation: g, .. }) if *g == generation
+        );
+        if current {
+            *slot = None;
+        }
+        current
+    }
+
+    /// Ready with the index of an open UDP transport that has datagrams to read; pending
+    /// (woken by any of them) when none has.
+    fn poll_udp_readable(&self, cx: &mut std::task::Context<'_>) -> Poll<usize> {
+        for (candidate, transport) in self.open.iter().enumerate() {
+            if let Some(Transport::Udp(socket)) = transport {
+                if socket.poll_readable(cx).is_ready() {
+                    return Poll::Ready(candidate);
+                }
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Opens the transport of a candidate. UDP: a socket connected to the gateway (the kernel
@@ -200,25 +336,8 @@ async fn open(
                 tracing::warn!("candidate {candidate}: cannot reach {}: {error}", spec.addr);
                 return None;
             }
-            let socket = Arc::new(socket);
-            let reader = socket.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; MAX_FRAME];
-                loop {
-                    match reader.recv(&mut buf).await {
-                        Ok(len) => {
-                            let bytes = buf[..len].to_vec();
-                            if net.send(Net::Packet { candidate, bytes }).await.is_err() {
-                                return;
-                            }
-                        }
-                        // ICMP errors surface here on a connected socket; the endpoint's
-                        // dead detection decides, not one error.
-                        Err(_) => continue,
-                    }
-                }
-            });
-            Some(Transport::Udp(socket))
+            // Read by the main task (see `Transports::poll_udp_readable`).
+            Some(Transport::Udp(BatchUdp::new(socket)))
         }
         Proto::Tcp => {
             let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);

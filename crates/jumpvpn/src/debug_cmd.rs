@@ -23,7 +23,7 @@ use crate::Status;
 pub enum DebugCommand {
     /// Accept one TCP connection and check the pattern it carries; write a report at its end.
     StreamServer(StreamServerArgs),
-    /// Connect and send the pattern until SIGTERM or SIGINT.
+    /// Connect and send the pattern until SIGTERM or SIGINT (or `--bytes` are sent).
     StreamClient(StreamClientArgs),
     /// Send datagrams at a gateway.
     Inject(InjectArgs),
@@ -67,9 +67,12 @@ pub struct StreamClientArgs {
     /// The server.
     #[arg(long)]
     pub connect: SocketAddr,
-    /// Bytes per second.
+    /// Bytes per second; 0: as fast as the connection takes them.
     #[arg(long, default_value_t = 200_000)]
     pub rate: u64,
+    /// Stop after this many bytes (closing the connection, so the server reports).
+    #[arg(long)]
+    pub bytes: Option<u64>,
 }
 
 /// What `debug inject` sends.
@@ -288,19 +291,30 @@ async fn stream_client(args: &StreamClientArgs) -> anyhow::Result<()> {
         }
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let chunk = (args.rate / 50).clamp(1, 64 * 1024);
+    let paced = args.rate > 0;
+    let chunk = if paced {
+        (args.rate / 50).clamp(1, 64 * 1024)
+    } else {
+        64 * 1024
+    };
+    let limit = args.bytes.unwrap_or(u64::MAX);
     let mut sent: u64 = 0;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
-    loop {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while sent < limit {
+        // Signals first; then the next tick, or at once when not paced.
         tokio::select! {
-            _ = tick.tick() => {
-                let bytes: Vec<u8> = (sent..sent + chunk).map(pattern).collect();
-                stream.write_all(&bytes).await.context("stream broke")?;
-                sent += chunk;
-            }
+            biased;
             _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
+            _ = tick.tick(), if paced => {}
+            () = std::future::ready(()), if !paced => {}
         }
+        let end = sent.saturating_add(chunk).min(limit);
+        let bytes: Vec<u8> = (sent..end).map(pattern).collect();
+        stream.write_all(&bytes).await.context("stream broke")?;
+        sent = end;
     }
     stream.shutdown().await?;
     println!("{sent}");

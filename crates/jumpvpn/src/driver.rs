@@ -12,9 +12,13 @@ pub(crate) const MAX_FRAME: usize = u16::MAX as usize;
 /// buffer would drop them).
 pub(crate) const TCP_QUEUE: usize = 1024;
 
-/// The multi-threaded runtime a driver runs on.
+/// The runtime a driver runs on: one thread. The endpoint is one task, and on a
+/// multi-threaded runtime every readiness event of its sockets would be seen by a worker
+/// thread and handed to it with a wake-up across threads; here the thread that polls the
+/// sockets runs the task. The work that could block (store commits, the audit log) has threads
+/// of its own.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")

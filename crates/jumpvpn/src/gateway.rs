@@ -6,6 +6,11 @@
 //! task, so a slow store never stalls the data plane), admin requests and timers. After each
 //! input it drains the endpoint's outputs. The audit log is written by its own thread through a
 //! bounded queue (SPEC §8), so the data path never waits on a disk.
+//!
+//! The data path moves batches (see [`crate::datapath`]): each wake-up of the TUN device reads
+//! up to a few TCP super-packets, seals every packet into one buffer and sends runs of
+//! datagrams with one system call each; each wake-up of the UDP socket receives runs of
+//! datagrams, opens them into the TUN writer's buffers and writes them coalesced.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,12 +37,16 @@ use crate::admin::{self, AdminError, AdminRequest, AdminState, SessionView};
 use crate::audit_log::AuditLog;
 use crate::cli::ConfigArgs;
 use crate::config::{self, GatewayConfig, StoreConfig};
+use crate::datapath::{BatchUdp, GsoBatch, TunReader, TunWriter};
 use crate::driver::{self, read_frame, write_frame, Clock, MAX_FRAME, TCP_QUEUE};
 use crate::metrics::Metrics;
 use crate::{tun, Status};
 
 /// Audit events queued before the writer counts them as lost (SPEC §8).
 const AUDIT_QUEUE: usize = 65_536;
+/// Reads of the TUN device, or receives from the UDP socket, per wake-up at most (each one
+/// a batch), so that one direction does not starve the other and the timers.
+const RECV_ROUNDS: usize = 8;
 
 /// Runs `jumpvpn gateway --config FILE` until SIGTERM or SIGINT.
 pub fn run(args: &ConfigArgs) -> anyhow::Result<Status> {
@@ -156,10 +165,17 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
     }
 
     let mut tcp_writers: HashMap<Path, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut udp_buf = vec![0u8; MAX_FRAME];
-    let mut tun_buf = vec![0u8; MAX_FRAME];
+    let mut udp = BatchUdp::new(udp);
+    let mut udp_buf = vec![0u8; BatchUdp::RECV_BUFFER];
+    let mut tun_in = TunReader::new(tun::DEFAULT_MTU);
+    let mut tun_out = TunWriter::new();
+    let mut sealed: GsoBatch<Path> = GsoBatch::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let timer = tokio::time::sleep(std::time::Duration::from_secs(1));
+    tokio::pin!(timer);
     ready.store(true, Ordering::SeqCst);
     tracing::info!(
         "gateway {node} listening on udp {udp_local} and tcp {tcp_local}, tunnel {}",
@@ -171,22 +187,76 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
             .poll_timeout()
             .map(|t| clock.instant(t))
             .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
-            received = udp.recv_from(&mut udp_buf) => {
-                if let Ok((len, from)) = received {
-                    let path = Path { proto: Proto::Udp, remote: from, local: udp_local };
-                    gateway.handle_packet(clock.now(), path, &udp_buf[..len]);
+            ready = udp.readable() => if ready.is_ok() {
+                let now = clock.now();
+                for _ in 0..RECV_ROUNDS {
+                    let received = match udp.try_recv(&mut udp_buf) {
+                        Ok(received) => received,
+                        // Nothing more pending; or an ICMP error reported on the socket.
+                        Err(_) => break,
+                    };
+                    let path = Path { proto: Proto::Udp, remote: received.from, local: udp_local };
+                    for datagram in received.datagrams(&udp_buf) {
+                        if tun_out.is_full() {
+                            tun_out.flush(&tun).await;
+                        }
+                        if let Some(slot) = tun_out.slot() {
+                            if gateway.handle_packet_into(now, path, datagram, slot) {
+                                tun_out.commit();
+                            }
+                        }
+                    }
                 }
-            }
-            read = tun.recv(&mut tun_buf) => {
-                match read {
-                    Ok(len) => gateway.handle_tun(clock.now(), &tun_buf[..len]),
-                    Err(error) => tracing::warn!("tun read failed: {error}"),
+                tun_out.flush(&tun).await;
+            },
+            ready = tun.readable() => if ready.is_ok() {
+                let now = clock.now();
+                for _ in 0..RECV_ROUNDS {
+                    match tun_in.try_read(&tun) {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(error) => {
+                            tracing::warn!("tun read failed: {error}");
+                            break;
+                        }
+                    }
+                    for packet in tun_in.packets() {
+                        let start = sealed.buf.len();
+                        let Some(path) = gateway.handle_tun_into(now, packet, &mut sealed.buf)
+                        else {
+                            continue;
+                        };
+                        if path.proto == Proto::Tcp {
+                            let bytes = sealed.buf.split_off(start);
+                            if let Some(writer) = tcp_writers.get(&path) {
+                                let _ = writer.try_send(bytes);
+                            }
+                            continue;
+                        }
+                        if let Some((to, run, segment)) = sealed.add(path, start) {
+                            udp.send(Some(to.remote), run, segment).await;
+                            sealed.restart(path, start);
+                        }
+                    }
                 }
-            }
+                if let Some((to, run, segment)) = sealed.pending() {
+                    udp.send(Some(to.remote), run, segment).await;
+                }
+                sealed.clear();
+            },
             Some(input) = input_rx.recv() => match input {
                 Input::TcpOpened { path, writer } => { tcp_writers.insert(path, writer); }
-                Input::TcpFrame { path, bytes } => gateway.handle_packet(clock.now(), path, &bytes),
+                Input::TcpFrame { path, bytes } => {
+                    if let Some(slot) = tun_out.slot() {
+                        if gateway.handle_packet_into(clock.now(), path, &bytes, slot) {
+                            tun_out.commit();
+                        }
+                    }
+                }
                 Input::TcpClosed { path } => {
                     tcp_writers.remove(&path);
                     gateway.handle_closed(clock.now(), path);
@@ -194,28 +264,21 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
                 Input::Store { id, outcome } => gateway.handle_store(clock.now(), id, outcome),
             },
             Some(request) = admin_rx.recv() => answer_admin(&mut gateway, clock.now(), request),
-            () = tokio::time::sleep_until(deadline) => gateway.handle_timeout(clock.now()),
+            () = &mut timer => gateway.handle_timeout(clock.now()),
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); break; }
+            _ = &mut ctrl_c => { tracing::info!("interrupted: shutting down"); break; }
         }
         while let Some(output) = gateway.poll_output() {
             match output {
                 GatewayOutput::Transmit(Transmit { path, bytes }) => match path.proto {
-                    Proto::Udp => {
-                        // A full socket buffer drops the datagram, as the network would.
-                        let _ = udp.try_send_to(&bytes, path.remote);
-                    }
+                    Proto::Udp => udp.send(Some(path.remote), &bytes, bytes.len()).await,
                     Proto::Tcp => {
                         if let Some(writer) = tcp_writers.get(&path) {
                             let _ = writer.try_send(bytes);
                         }
                     }
                 },
-                GatewayOutput::Tun(packet) => {
-                    if let Err(error) = tun.send(&packet).await {
-                        tracing::debug!("tun write failed: {error}");
-                    }
-                }
+                GatewayOutput::Tun(packet) => tun_out.push(&tun, &packet).await,
                 GatewayOutput::Store(request) => {
                     spawn_store_request(store.clone(), *request, input_tx.clone());
                 }
@@ -225,6 +288,7 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
                 }
             }
         }
+        tun_out.flush(&tun).await;
         observe(&metrics, &gateway);
     }
 

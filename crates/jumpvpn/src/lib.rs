@@ -9,6 +9,7 @@ pub mod audit_log;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod datapath;
 pub mod debug_cmd;
 pub mod demo;
 mod driver;

@@ -1,10 +1,16 @@
 //! The TUN device: where the tunnel's IP packets enter and leave the operating system.
 //!
-//! [`open`] creates a layer-3 TUN device without packet information (each read or write is
-//! exactly one IP packet), gives it its tunnel address and MTU, and brings it up, in the
-//! network namespace the process runs in — gateway and client processes of the tests and the
-//! demo are started under `ip netns exec`, so their device lands in their namespace. The
-//! device disappears when the returned value is dropped.
+//! [`open`] creates a layer-3 TUN device without packet information, gives it its tunnel
+//! address and MTU, and brings it up, in the network namespace the process runs in — gateway
+//! and client processes of the tests and the demo are started under `ip netns exec`, so their
+//! device lands in their namespace. The device disappears when the returned value is dropped.
+//!
+//! The device is opened with the kernel's segmentation offloads (a virtio-net header before
+//! each packet, TCP segmentation and checksums left to us): a read may be a TCP super-packet
+//! of up to 64 KiB, and a write may be one. Read and write it only through
+//! [`crate::datapath::TunReader`] and [`crate::datapath::TunWriter`], which split and coalesce.
+//! Where the kernel refuses the offloads the device is opened without them, and the same
+//! calls move one packet at a time.
 
 use std::io;
 use std::net::IpAddr;
@@ -46,16 +52,24 @@ pub fn open(
     if mtu < 576 {
         bail!("TUN device {name}: MTU {mtu} is below the IPv4 minimum of 576");
     }
-    let builder = tun_rs::DeviceBuilder::new()
-        .name(name)
-        .packet_information(false)
-        .mtu(mtu)
-        .enable(true);
-    let builder = match address {
-        IpAddr::V4(v4) => builder.ipv4(v4, prefix_len, None),
-        IpAddr::V6(v6) => builder.ipv6(v6, prefix_len),
+    let build = |offload: bool| {
+        let builder = tun_rs::DeviceBuilder::new()
+            .name(name)
+            .packet_information(false)
+            .offload(offload)
+            .mtu(mtu)
+            .enable(true);
+        let builder = match address {
+            IpAddr::V4(v4) => builder.ipv4(v4, prefix_len, None),
+            IpAddr::V6(v6) => builder.ipv6(v6, prefix_len),
+        };
+        builder.build_async()
     };
-    let device = builder.build_async().map_err(|e| {
+    let device = build(true).or_else(|e| {
+        tracing::debug!("TUN device {name}: no segmentation offload ({e}); without it");
+        build(false)
+    });
+    let device = device.map_err(|e| {
         let hint = match e.kind() {
             io::ErrorKind::PermissionDenied => {
                 " (creating a TUN device needs CAP_NET_ADMIN: run as root)"

@@ -19,13 +19,15 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, EventKind};
 use crate::crypto::{DirectionalKeys, MasterSecret};
-use crate::endpoint::{next_control_counter, open_sealed, seal_control, seal_data};
+use crate::endpoint::{
+    next_control_counter, open_sealed, open_sealed_into, seal_control, seal_data,
+};
 use crate::handshake::{ClientHandshake, Entropy};
 use crate::ids::{NodeId, OwnerEpoch, SessionId, StateVersion, Timestamp, TransportId};
 use crate::reason::ReasonCode;
 use crate::record::Proto;
 use crate::replay::{ReplayWindow, Verdict};
-use crate::wire::{Control, Packet, ReattachRequest};
+use crate::wire::{Control, Packet, ReattachRequest, DATA_OVERHEAD};
 
 /// Timer resolution of the client.
 const TICK_MS: u64 = 50;
@@ -298,8 +300,25 @@ impl Client {
 
     /// A packet arrived on candidate `candidate`.
     pub fn handle_packet(&mut self, now: Timestamp, candidate: usize, bytes: &[u8]) {
+        let mut plain = Vec::new();
+        if self.handle_packet_into(now, candidate, bytes, &mut plain) {
+            self.out.push_back(ClientOutput::Tun(plain));
+        }
+    }
+
+    /// As [`Client::handle_packet`], except that the IP packet a `DATA` packet carries is not
+    /// queued as [`ClientOutput::Tun`] but appended to `tun`, and `true` returned, so that the
+    /// driver writes a batch of them from its own buffer. Every other output is queued as
+    /// usual.
+    pub fn handle_packet_into(
+        &mut self,
+        now: Timestamp,
+        candidate: usize,
+        bytes: &[u8],
+        tun: &mut Vec<u8>,
+    ) -> bool {
         let Ok(packet) = Packet::decode(bytes) else {
-            return;
+            return false;
         };
         match packet {
             Packet::HandshakeAck { noise } => self.on_ack(now, candidate, noise),
@@ -315,63 +334,78 @@ impl Client {
                 sealed,
             } => {
                 let Phase::Established(e) = &mut self.phase else {
-                    return;
+                    return false;
                 };
                 if e.session != session {
-                    return;
+                    return false;
                 }
                 let Some(b) = e
                     .binding
                     .as_mut()
                     .filter(|b| b.bound_at == bound_at_version)
                 else {
-                    return;
+                    return false;
                 };
-                let Ok(plain) = open_sealed(&b.keys.to_client, bytes, counter, sealed) else {
-                    return;
-                };
+                let start = tun.len();
+                if open_sealed_into(&b.keys.to_client, bytes, counter, sealed, tun).is_err() {
+                    return false;
+                }
                 if b.rx.check_and_update(counter) != Verdict::Fresh {
-                    return;
+                    tun.truncate(start);
+                    return false;
                 }
                 if candidate == e.active {
                     e.last_rx = now;
                 }
                 e.last_auth = now;
-                self.out.push_back(ClientOutput::Tun(plain));
+                return true;
             }
             // An unauthenticated notice is a hint, never final (docs/PROTOCOL.md): the timers
             // decide.
             Packet::RejectNotice { .. } => {}
             Packet::HandshakeInit { .. } | Packet::Reattach(_) => {}
         }
+        false
     }
 
     /// An IP packet read from the TUN device.
-    pub fn handle_tun(&mut self, _now: Timestamp, packet: &[u8]) {
+    pub fn handle_tun(&mut self, now: Timestamp, packet: &[u8]) {
+        let mut bytes = Vec::with_capacity(packet.len() + DATA_OVERHEAD);
+        if let Some(candidate) = self.handle_tun_into(now, packet, &mut bytes) {
+            self.out
+                .push_back(ClientOutput::Transmit { candidate, bytes });
+        }
+    }
+
+    /// As [`Client::handle_tun`], except that the sealed packet is not queued as a
+    /// [`ClientOutput::Transmit`] but appended to `out` (exactly
+    /// [`DATA_OVERHEAD`](crate::wire::DATA_OVERHEAD) bytes longer than `packet`), and the
+    /// candidate to send it on returned; `None` when there is no binding to carry it. The
+    /// driver can so seal a batch of packets into one buffer and send it with one system call.
+    pub fn handle_tun_into(
+        &mut self,
+        _now: Timestamp,
+        packet: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<usize> {
         let Phase::Established(e) = &mut self.phase else {
-            return;
+            return None;
         };
-        let Some(b) = e.binding.as_mut() else {
-            return;
-        };
+        let b = e.binding.as_mut()?;
         if b.tx == u64::MAX {
-            return;
+            return None;
         }
         let counter = b.tx;
         b.tx += 1;
-        let mut bytes = Vec::with_capacity(packet.len() + 64);
         seal_data(
             e.session,
             b.bound_at,
             &b.keys.to_gateway,
             counter,
             packet,
-            &mut bytes,
+            out,
         );
-        self.out.push_back(ClientOutput::Transmit {
-            candidate: e.active,
-            bytes,
-        });
+        Some(e.active)
     }
 
     /// Candidate `candidate` failed (a TCP connection refused or closed).

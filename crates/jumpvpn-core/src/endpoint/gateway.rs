@@ -26,8 +26,8 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, EventKind};
 use crate::crypto::{DirectionalKeys, Kek, MasterSecret};
 use crate::endpoint::{
-    ip_destination, ip_source, next_control_counter, open_sealed, seal_control, seal_data, Path,
-    Transmit,
+    ip_destination, ip_source, next_control_counter, open_sealed, open_sealed_into, seal_control,
+    seal_data, Path, Transmit,
 };
 use crate::handshake::{Entropy, InitReceived};
 use crate::health::{HealthMonitor, HealthSample, HealthSignal};
@@ -39,7 +39,7 @@ use crate::policy::Policy;
 use crate::reason::{ReasonCode, ViolationType};
 use crate::record::{Candidate, NewSession, SessionRecord};
 use crate::replay::{ReplayWindow, Verdict};
-use crate::wire::{Control, HandshakeAckPayload, Packet, ReattachRequest};
+use crate::wire::{Control, HandshakeAckPayload, Packet, ReattachRequest, DATA_OVERHEAD};
 
 /// How often the gateway scans its sessions for dead bindings and passed deadlines.
 const TICK_MS: u64 = 100;
@@ -388,12 +388,29 @@ impl Gateway {
 
     /// A datagram (UDP) or frame (TCP) arrived on `path`.
     pub fn handle_packet(&mut self, now: Timestamp, path: Path, bytes: &[u8]) {
+        let mut plain = Vec::new();
+        if self.handle_packet_into(now, path, bytes, &mut plain) {
+            self.out.push_back(GatewayOutput::Tun(plain));
+        }
+    }
+
+    /// As [`Gateway::handle_packet`], except that the IP packet a `DATA` packet carries is not
+    /// queued as [`GatewayOutput::Tun`] but appended to `tun`, and `true` returned; the driver
+    /// then writes it (and others of the same batch) to the TUN device from its own buffer,
+    /// with no allocation per packet. Every other output is queued as usual.
+    pub fn handle_packet_into(
+        &mut self,
+        now: Timestamp,
+        path: Path,
+        bytes: &[u8],
+        tun: &mut Vec<u8>,
+    ) -> bool {
         self.arm(now);
         let packet = match Packet::decode(bytes) {
             Ok(p) => p,
             Err(_) => {
                 self.stats.malformed += 1;
-                return;
+                return false;
             }
         };
         match packet {
@@ -409,53 +426,84 @@ impl Gateway {
                 bound_at_version,
                 counter,
                 sealed,
-            } => self.on_data(now, path, bytes, session, bound_at_version, counter, sealed),
+            } => {
+                let start = tun.len();
+                let delivered = self.on_data(
+                    now,
+                    path,
+                    bytes,
+                    session,
+                    bound_at_version,
+                    counter,
+                    sealed,
+                    tun,
+                );
+                if !delivered {
+                    tun.truncate(start);
+                }
+                return delivered;
+            }
             // Gateways send these, they never receive them.
             Packet::HandshakeAck { .. } | Packet::RejectNotice { .. } => {
                 self.stats.malformed += 1;
             }
         }
+        false
     }
 
     /// An IP packet read from the TUN device.
-    pub fn handle_tun(&mut self, _now: Timestamp, packet: &[u8]) {
+    pub fn handle_tun(&mut self, now: Timestamp, packet: &[u8]) {
+        let mut bytes = Vec::with_capacity(packet.len() + DATA_OVERHEAD);
+        if let Some(path) = self.handle_tun_into(now, packet, &mut bytes) {
+            self.out
+                .push_back(GatewayOutput::Transmit(Transmit { path, bytes }));
+        }
+    }
+
+    /// As [`Gateway::handle_tun`], except that the sealed packet is not queued as a
+    /// [`GatewayOutput::Transmit`] but appended to `out` (exactly
+    /// [`DATA_OVERHEAD`](crate::wire::DATA_OVERHEAD) bytes longer than `packet`), and the path to
+    /// send it on returned; `None` when the packet is dropped (counted). The driver can so seal
+    /// a batch of packets into one buffer and send it with one system call.
+    pub fn handle_tun_into(
+        &mut self,
+        _now: Timestamp,
+        packet: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Path> {
         let Some(id) = ip_destination(packet).and_then(|ip| self.by_ip.get(&ip).copied()) else {
             self.stats.tun_dropped += 1;
-            return;
+            return None;
         };
         let Some(live) = self.sessions.get_mut(&id) else {
             self.stats.tun_dropped += 1;
-            return;
+            return None;
         };
         let Some(data) = live.data.as_mut().filter(|d| !d.resumed) else {
             self.stats.tun_dropped += 1;
-            return;
+            return None;
         };
         if !live.record.state.has_binding() || live.record.is_terminated() {
             self.stats.tun_dropped += 1;
-            return;
+            return None;
         }
         let counter = data.tx;
         data.tx = data.tx.saturating_add(1);
         if counter == u64::MAX {
             // Never reuse a nonce: the binding must be replaced first.
             self.stats.tun_dropped += 1;
-            return;
+            return None;
         }
-        let mut bytes = Vec::with_capacity(packet.len() + 64);
         seal_data(
             id,
             data.bound_at,
             &data.keys.to_client,
             counter,
             packet,
-            &mut bytes,
+            out,
         );
         self.stats.data_out += 1;
-        self.out.push_back(GatewayOutput::Transmit(Transmit {
-            path: data.path,
-            bytes,
-        }));
+        Some(data.path)
     }
 
     /// A TCP connection closed (or failed).
@@ -895,6 +943,8 @@ impl Gateway {
         }
     }
 
+    /// A `DATA` packet: its IP packet is appended to `tun` and `true` returned when it is to
+    /// be delivered; otherwise the caller truncates `tun` back.
     #[allow(clippy::too_many_arguments)]
     fn on_data(
         &mut self,
@@ -905,7 +955,8 @@ impl Gateway {
         bound_at: StateVersion,
         counter: u64,
         sealed: &[u8],
-    ) {
+        tun: &mut Vec<u8>,
+    ) -> bool {
         let Some(live) = self.sessions.get_mut(&session) else {
             match self.provisional.get(&session) {
                 Some(p) => {
@@ -924,17 +975,18 @@ impl Gateway {
                 }
                 None => self.load_for_cache(now, session),
             }
-            return;
+            return false;
         };
         let Some(data) = live.data.as_mut().filter(|d| d.bound_at == bound_at) else {
             // A replaced binding's packet, or a former owner's: it cannot authenticate.
             self.stats.auth_failed += 1;
-            return;
+            return false;
         };
-        let Ok(plain) = open_sealed(&data.keys.to_gateway, bytes, counter, sealed) else {
+        let start = tun.len();
+        if open_sealed_into(&data.keys.to_gateway, bytes, counter, sealed, tun).is_err() {
             self.stats.auth_failed += 1;
-            return;
-        };
+            return false;
+        }
         if data.path != path || data.resumed {
             // Authentic, from a new address (NAT rebinding) or after a restart: not forwarded,
             // the binding stays; the client is told to reattach (SPEC §4 REATTACH_HINT). The
@@ -944,20 +996,20 @@ impl Gateway {
             } else {
                 self.stats.replayed += 1;
             }
-            return;
+            return false;
         }
         if data.rx.check_and_update(counter) != Verdict::Fresh {
             self.stats.replayed += 1;
-            return;
+            return false;
         }
         live.last_rx = now;
-        if ip_source(&plain) != Some(live.record.tunnel_ip) {
+        if ip_source(tun.get(start..).unwrap_or_default()) != Some(live.record.tunnel_ip) {
             // Only the client's own tunnel address may be a source (no spoofing into the LAN).
             self.stats.tun_dropped += 1;
-            return;
+            return false;
         }
         self.stats.data_in += 1;
-        self.out.push_back(GatewayOutput::Tun(plain));
+        true
     }
 
     fn hint(&mut self, now: Timestamp, session: SessionId, path: Path) {

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::crypto::{AeadKey, OpenError};
 use crate::ids::{SessionId, StateVersion, Timestamp};
 use crate::record::Proto;
-use crate::wire::{Control, Packet};
+use crate::wire::{Control, Packet, DATA_HEADER_LEN};
 
 /// A transport path: the protocol and both ends. For TCP the pair of addresses names one
 /// connection.
@@ -91,7 +91,7 @@ pub(crate) fn seal_data(
         sealed: &[],
     }
     .encode(out);
-    let mut header = [0u8; 2 + 16 + 8 + 8];
+    let mut header = [0u8; DATA_HEADER_LEN];
     header.copy_from_slice(&out[start..]);
     key.seal(counter, &header, ip_packet, out);
 }
@@ -105,6 +105,19 @@ pub(crate) fn open_sealed(
 ) -> Result<Vec<u8>, OpenError> {
     let aad = Packet::associated_data(bytes).ok_or(OpenError)?;
     key.open(counter, aad, sealed)
+}
+
+/// Opens the sealed part of a packet and appends the plaintext to `out`; on failure `out` is
+/// left as it was.
+pub(crate) fn open_sealed_into(
+    key: &AeadKey,
+    bytes: &[u8],
+    counter: u64,
+    sealed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), OpenError> {
+    let aad = Packet::associated_data(bytes).ok_or(OpenError)?;
+    key.open_into(counter, aad, sealed, out)
 }
 
 /// The destination address of an IP packet, if it is one.
