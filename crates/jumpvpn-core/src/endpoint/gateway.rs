@@ -171,7 +171,8 @@ pub struct Gateway {
     node: NodeId,
     private_key: Zeroizing<[u8; 32]>,
     kek: Kek,
-    policy: Policy,
+    /// The policy of new sessions: one snapshot that all of them share.
+    policy: Arc<Policy>,
     peers: HashMap<[u8; 32], PeerState>,
     sessions: HashMap<SessionId, Live>,
     by_ip: HashMap<IpAddr, SessionId>,
@@ -302,7 +303,7 @@ impl Gateway {
             node: config.node,
             private_key: config.private_key,
             kek,
-            policy: config.policy,
+            policy: Arc::new(config.policy),
             peers,
             sessions: HashMap::new(),
             by_ip: HashMap::new(),
