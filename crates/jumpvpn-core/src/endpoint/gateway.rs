@@ -22,7 +22,7 @@ use crate::endpoint::{
     ip_destination, ip_source, next_control_counter, open_sealed, seal_control, seal_data, Path,
     Transmit,
 };
-use crate::handshake::{Entropy, InitReceived};
+use crate::handshake::{Entropy, Responder};
 use crate::health::{HealthMonitor, HealthSample, HealthSignal};
 use crate::ids::{NodeId, OwnerEpoch, SessionId, StateVersion, Timestamp, TransportId};
 use crate::machine::{
@@ -173,7 +173,8 @@ pub struct GatewayStats {
 /// The gateway endpoint.
 pub struct Gateway {
     node: NodeId,
-    private_key: Zeroizing<[u8; 32]>,
+    /// Opens handshake inits: the static key and what is precomputed from it.
+    responder: Responder,
     kek: Kek,
     /// The policy of new sessions: one snapshot that all of them share.
     policy: Arc<Policy>,
@@ -308,7 +309,10 @@ impl Gateway {
             .collect();
         Self {
             node: config.node,
-            private_key: config.private_key,
+            responder: Responder::new(
+                &config.private_key,
+                config.peers.iter().map(|p| &p.public_key),
+            ),
             kek,
             policy: Arc::new(config.policy),
             peers,
@@ -525,7 +529,7 @@ impl Gateway {
 
     fn on_init(&mut self, now: Timestamp, path: Path, noise: &[u8]) {
         let seed = self.entropy.seed();
-        let Ok(init) = InitReceived::open(&self.private_key, noise, seed) else {
+        let Ok(init) = self.responder.open(noise, seed) else {
             self.stats.handshakes_rejected += 1;
             return;
         };
