@@ -26,7 +26,8 @@ use crate::handshake::{Entropy, Responder};
 use crate::health::{HealthMonitor, HealthSample, HealthSignal};
 use crate::ids::{NodeId, OwnerEpoch, SessionId, StateVersion, Timestamp, TransportId};
 use crate::machine::{
-    self, apply, next_deadline, Context, Outcome, ReattachAttempt, Refusal, SessionEvent,
+    self, apply, next_deadline, Context, Outcome, ProofVerdict, ReattachAttempt, Refusal,
+    SessionEvent,
 };
 use crate::policy::Policy;
 use crate::reason::{ReasonCode, ViolationType};
@@ -200,10 +201,11 @@ struct PeerState {
     session: Option<SessionId>,
 }
 
-/// A session this gateway holds: the committed record and what is derived from it.
+/// A session this gateway holds: the committed record and what is derived from it. The master
+/// secret is not kept: the record holds it sealed, and a reattach (proof, new binding keys)
+/// opens it.
 struct Live {
     record: SessionRecord,
-    master: MasterSecret,
     control: DirectionalKeys,
     control_tx: u64,
     control_rx: ReplayWindow,
@@ -706,7 +708,10 @@ impl Gateway {
                 client_addr: path.remote,
                 gateway_addr: path.local,
             },
-            proof: live.master.verify(&request),
+            proof: self
+                .kek
+                .open(request.session, &live.record.secrets)
+                .map_or(ProofVerdict::Invalid, |master| master.verify(&request)),
         };
         let mut attempt = attempt;
         attempt.candidate.transport_id = self.next_transport_id(now);
@@ -976,7 +981,11 @@ impl Gateway {
         let terminated = record.is_terminated();
         let old_path = live.data.as_ref().map(|d| d.path);
         if rebound {
-            live.data = DataPlane::of(&live.master, &record);
+            live.data = self
+                .kek
+                .open(session, &record.secrets)
+                .ok()
+                .and_then(|master| DataPlane::of(&master, &record));
             live.last_rx = now;
         }
         let volatile = matches!(
@@ -1208,7 +1217,6 @@ impl Live {
         Box::new(Self {
             data: DataPlane::of(&master, &record),
             control: master.control_keys(record.session_id),
-            master,
             control_tx: 0,
             control_rx: control_window(),
             control_floor: 0,
