@@ -50,7 +50,7 @@ fn main() -> std::io::Result<()> {
                 owner: gw1.clone(),
                 client_key: [7; 32],
                 tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-                policy: Policy::default(),
+                policy: Policy::default().into(),
                 secrets: SealedSecret::new(vec![0; 48]),
             },
             now,

@@ -13,17 +13,31 @@
 //! No randomness is read here. Noise's ephemeral keys come from an [`Entropy`] generator that the
 //! caller seeds (the drivers from the operating system, the simulation from its seed), so the
 //! core stays deterministic for a given seed.
+//!
+//! # Cost
+//!
+//! X25519 scalar multiplications are nearly all of a handshake's cost. The gateway's
+//! [`Responder`] does three per init that cannot be avoided (`es`, `ee`, `se`, each with a key
+//! it has never seen) plus generating its ephemeral key (a fixed-base multiplication, about a
+//! quarter of the cost with curve25519-dalek's precomputed tables). The other two a plain
+//! responder would do are computed once: its own public key, and, as WireGuard does, `ss`, the
+//! Diffie-Hellman of its static key with each authorised client's static key, which is the same
+//! at every handshake of that client.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use blake2::digest::Mac;
 use blake2::Blake2sMac256;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20::ChaCha20;
+use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::MasterSecret;
@@ -126,9 +140,11 @@ impl Random for NoiseRng {
     }
 }
 
-/// snow's default primitives, with our seeded generator instead of the operating system's.
+/// snow's default hash and cipher, our seeded generator instead of the operating system's, and
+/// our X25519 (which knows the gateway's identity, when there is one).
 struct SeededResolver {
     seed: Zeroizing<[u8; 32]>,
+    identity: Option<Arc<Identity>>,
 }
 
 impl CryptoResolver for SeededResolver {
@@ -137,7 +153,10 @@ impl CryptoResolver for SeededResolver {
     }
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
-        DefaultResolver.resolve_dh(choice)
+        match choice {
+            DHChoice::Curve25519 => Some(Box::new(X25519::new(self.identity.clone()))),
+            _ => None,
+        }
     }
 
     fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
@@ -149,14 +168,136 @@ impl CryptoResolver for SeededResolver {
     }
 }
 
-fn builder<'a>(seed: [u8; 32]) -> Result<Builder<'a>, HandshakeError> {
-    let params: NoiseParams = NOISE_PARAMS.parse().map_err(|_| HandshakeError::Key)?;
+fn builder<'a>(
+    params: NoiseParams,
+    seed: [u8; 32],
+    identity: Option<Arc<Identity>>,
+) -> Result<Builder<'a>, HandshakeError> {
     let resolver = SeededResolver {
         seed: Zeroizing::new(seed),
+        identity,
     };
     Builder::with_resolver(params, Box::new(resolver))
         .prologue(PROLOGUE)
         .map_err(|_| HandshakeError::Key)
+}
+
+fn noise_params() -> Result<NoiseParams, HandshakeError> {
+    NOISE_PARAMS.parse().map_err(|_| HandshakeError::Key)
+}
+
+/// What the gateway's handshakes share: its static key pair and the static-static
+/// Diffie-Hellman results with its authorised clients.
+struct Identity {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+    /// `X25519(gateway private, client public)` per authorised client public key.
+    static_static: HashMap<[u8; 32], Zeroizing<[u8; 32]>>,
+}
+
+/// X25519 for snow: curve25519-dalek's Montgomery ladder and table-based key generation. When
+/// its key is the gateway's identity key, the public key and the static-static results come
+/// from the [`Identity`] instead of being computed again.
+struct X25519 {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+    /// The gateway's identity, offered by the resolver (to every key of the handshake, since
+    /// snow does not say which key it asks for).
+    identity: Option<Arc<Identity>>,
+    /// Whether `private` is the identity's key, so that its shortcuts apply.
+    is_identity: bool,
+}
+
+impl X25519 {
+    fn new(identity: Option<Arc<Identity>>) -> Self {
+        Self {
+            private: Zeroizing::new([0; 32]),
+            public: [0; 32],
+            identity,
+            is_identity: false,
+        }
+    }
+
+    fn set_private(&mut self, private: [u8; 32]) {
+        let private = Zeroizing::new(private);
+        self.is_identity = self
+            .identity
+            .as_ref()
+            .is_some_and(|id| bool::from(id.private.as_slice().ct_eq(private.as_slice())));
+        self.public = match (&self.identity, self.is_identity) {
+            (Some(id), true) => id.public,
+            _ => x25519_base(&private),
+        };
+        self.private = private;
+    }
+}
+
+impl Dh for X25519 {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        32
+    }
+
+    fn priv_len(&self) -> usize {
+        32
+    }
+
+    fn set(&mut self, privkey: &[u8]) {
+        let mut private = [0u8; 32];
+        if let Some(bytes) = privkey.get(..32) {
+            private.copy_from_slice(bytes);
+        }
+        self.set_private(private);
+        private.zeroize();
+    }
+
+    fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
+        let mut private = [0u8; 32];
+        rng.try_fill_bytes(&mut private)?;
+        self.set_private(private);
+        private.zeroize();
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn privkey(&self) -> &[u8] {
+        self.private.as_slice()
+    }
+
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        let (Some(public), Some(out)) = (
+            pubkey.get(..32).and_then(|p| <[u8; 32]>::try_from(p).ok()),
+            out.get_mut(..32),
+        ) else {
+            return Err(snow::Error::Dh);
+        };
+        let cached = self
+            .identity
+            .as_ref()
+            .filter(|_| self.is_identity)
+            .and_then(|id| id.static_static.get(&public));
+        match cached {
+            Some(shared) => out.copy_from_slice(shared.as_slice()),
+            None => out.copy_from_slice(&x25519(&self.private, public)),
+        }
+        Ok(())
+    }
+}
+
+/// X25519 (RFC 7748) of a private key and a peer's public key.
+fn x25519(private: &[u8; 32], public: [u8; 32]) -> [u8; 32] {
+    MontgomeryPoint(public).mul_clamped(*private).to_bytes()
+}
+
+/// The X25519 public key of a private key.
+fn x25519_base(private: &[u8; 32]) -> [u8; 32] {
+    MontgomeryPoint::mul_base_clamped(*private).to_bytes()
 }
 
 /// The master secret from a finished handshake's split (the same on both ends).
@@ -194,7 +335,7 @@ impl ClientHandshake {
         seed: [u8; 32],
         out: &mut Vec<u8>,
     ) -> Result<Self, HandshakeError> {
-        let mut state = builder(seed)?
+        let mut state = builder(noise_params()?, seed, None)?
             .local_private_key(client_private)
             .and_then(|b| b.remote_public_key(gateway_public))
             .and_then(Builder::build_initiator)
@@ -252,16 +393,17 @@ impl fmt::Debug for InitReceived {
 }
 
 impl InitReceived {
-    /// Opens a `HANDSHAKE_INIT`'s Noise message with the gateway's static key.
+    /// Opens a `HANDSHAKE_INIT`'s Noise message with the gateway's static key. A gateway
+    /// opens its inits with a [`Responder`], which does the same with less work.
     pub fn open(
         gateway_private: &[u8; 32],
         noise: &[u8],
         seed: [u8; 32],
     ) -> Result<Self, HandshakeError> {
-        let mut state = builder(seed)?
-            .local_private_key(gateway_private)
-            .and_then(Builder::build_responder)
-            .map_err(|_| HandshakeError::Key)?;
+        Responder::new(gateway_private, []).open(noise, seed)
+    }
+
+    fn read(mut state: HandshakeState, noise: &[u8]) -> Result<Self, HandshakeError> {
         let mut payload = [0u8; NOISE_ROOM];
         let len = state
             .read_message(noise, &mut payload)
@@ -303,12 +445,143 @@ impl InitReceived {
     }
 }
 
+/// The gateway's side of every handshake: what does not change from one init to the next,
+/// computed once (see the module documentation, "Cost").
+pub struct Responder {
+    params: NoiseParams,
+    identity: Arc<Identity>,
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("clients", &self.identity.static_static.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// The responder of the gateway whose static private key is `gateway_private`, for clients
+    /// with the public keys `clients`. Costs one X25519 multiplication per client, once; an
+    /// init from a key not in `clients` still opens, at the cost of one more multiplication.
+    pub fn new<'a>(
+        gateway_private: &[u8; 32],
+        clients: impl IntoIterator<Item = &'a [u8; 32]>,
+    ) -> Self {
+        let static_static = clients
+            .into_iter()
+            .map(|client| (*client, Zeroizing::new(x25519(gateway_private, *client))))
+            .collect();
+        Self {
+            // The name is a constant that parses; a failure would show in every handshake test.
+            params: noise_params().unwrap_or_else(|_| unreachable!("NOISE_PARAMS parses")),
+            identity: Arc::new(Identity {
+                private: Zeroizing::new(*gateway_private),
+                public: x25519_base(gateway_private),
+                static_static,
+            }),
+        }
+    }
+
+    /// Opens a `HANDSHAKE_INIT`'s Noise message; `seed` feeds the gateway's ephemeral key.
+    pub fn open(&self, noise: &[u8], seed: [u8; 32]) -> Result<InitReceived, HandshakeError> {
+        let state = builder(self.params.clone(), seed, Some(self.identity.clone()))?
+            .local_private_key(self.identity.private.as_slice())
+            .and_then(Builder::build_responder)
+            .map_err(|_| HandshakeError::Key)?;
+        InitReceived::read(state, noise)
+    }
+}
+
 /// The X25519 public key of a private key (as `jumpvpn pubkey` prints it, before base64).
 pub fn public_key(private: &[u8; 32]) -> Result<[u8; 32], HandshakeError> {
-    let dh = DefaultResolver
-        .resolve_dh(&DHChoice::Curve25519)
-        .ok_or(HandshakeError::Key)?;
-    let mut dh = dh;
-    dh.set(private);
-    dh.pubkey().try_into().map_err(|_| HandshakeError::Key)
+    Ok(x25519_base(private))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex32(s: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex");
+        }
+        out
+    }
+
+    // RFC 7748 §6.1.
+    const ALICE: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const ALICE_PUBLIC: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a";
+    const BOB: &str = "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb";
+    const BOB_PUBLIC: &str = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f";
+    const SHARED: &str = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742";
+
+    fn dh(key: &X25519, public: &[u8; 32]) -> [u8; 32] {
+        // snow passes a buffer longer than the key; only the first 32 bytes count.
+        let mut padded = [0xEEu8; 56];
+        padded[..32].copy_from_slice(public);
+        let mut out = [0u8; 56];
+        key.dh(&padded, &mut out).expect("dh");
+        out[..32].try_into().expect("32 bytes")
+    }
+
+    #[test]
+    fn x25519_matches_rfc_7748() {
+        assert_eq!(public_key(&hex32(ALICE)), Ok(hex32(ALICE_PUBLIC)));
+        assert_eq!(public_key(&hex32(BOB)), Ok(hex32(BOB_PUBLIC)));
+        let mut alice = X25519::new(None);
+        alice.set(&hex32(ALICE));
+        assert_eq!(alice.pubkey(), hex32(ALICE_PUBLIC));
+        assert_eq!(dh(&alice, &hex32(BOB_PUBLIC)), hex32(SHARED));
+    }
+
+    #[test]
+    fn the_identity_key_takes_its_static_static_results_from_the_cache() {
+        let responder = Responder::new(&hex32(ALICE), [&hex32(BOB_PUBLIC)]);
+        let identity = Some(responder.identity.clone());
+        let mut key = X25519::new(identity.clone());
+        key.set(&hex32(ALICE));
+        assert!(key.is_identity);
+        assert_eq!(key.pubkey(), hex32(ALICE_PUBLIC));
+        // What the cache holds is what the ladder computes…
+        assert_eq!(dh(&key, &hex32(BOB_PUBLIC)), hex32(SHARED));
+        // …and it is what is used: a doctored cache shows through.
+        let mut doctored = Identity {
+            private: Zeroizing::new(hex32(ALICE)),
+            public: hex32(ALICE_PUBLIC),
+            static_static: HashMap::new(),
+        };
+        doctored
+            .static_static
+            .insert(hex32(BOB_PUBLIC), Zeroizing::new([1; 32]));
+        let mut key = X25519::new(Some(Arc::new(doctored)));
+        key.set(&hex32(ALICE));
+        assert_eq!(dh(&key, &hex32(BOB_PUBLIC)), [1; 32]);
+        // A key not in the cache is computed.
+        let carol_public = public_key(&[3; 32]).expect("key");
+        assert_eq!(dh(&key, &carol_public), x25519(&hex32(ALICE), carol_public));
+    }
+
+    #[test]
+    fn other_keys_never_use_the_identity() {
+        let responder = Responder::new(&hex32(ALICE), [&hex32(BOB_PUBLIC)]);
+        let mut key = X25519::new(Some(responder.identity.clone()));
+        key.set(&hex32(BOB));
+        assert!(!key.is_identity);
+        assert_eq!(key.pubkey(), hex32(BOB_PUBLIC));
+        // Bob with Bob's own public key: computed, not Alice's cached result.
+        assert_eq!(
+            dh(&key, &hex32(BOB_PUBLIC)),
+            x25519(&hex32(BOB), hex32(BOB_PUBLIC))
+        );
+        // A generated (ephemeral) key is not the identity either, even after being it.
+        key.set(&hex32(ALICE));
+        assert!(key.is_identity);
+        let mut rng = NoiseRng(Entropy::from_seed([5; 32]));
+        key.generate(&mut rng).expect("generates");
+        assert!(!key.is_identity);
+        assert_ne!(dh(&key, &hex32(BOB_PUBLIC)), hex32(SHARED));
+        assert_eq!(key.pubkey(), public_key(&key.private).expect("key"));
+    }
 }

@@ -279,8 +279,8 @@ pub struct NewSession {
     pub client_key: [u8; 32],
     /// The client's tunnel address.
     pub tunnel_ip: IpAddr,
-    /// Policy snapshot for the session.
-    pub policy: Policy,
+    /// Policy snapshot for the session, shared with every session born under the same policy.
+    pub policy: Arc<Policy>,
     /// The sealed master secret.
     pub secrets: SealedSecret,
 }
@@ -301,7 +301,7 @@ impl SessionRecord {
             last_transport_id: None,
             client_key: new.client_key,
             tunnel_ip: new.tunnel_ip,
-            policy: Arc::new(new.policy),
+            policy: new.policy,
             timestamps: Timestamps {
                 created: now,
                 state_changed: now,

@@ -7,7 +7,7 @@
 //! Every data packet carries a 64-bit counter. The receiver accepts each counter at most once and
 //! only while it is within `W` packets of the highest counter accepted so far, where `W` is
 //! [`ReplayWindow::window_size`]. This module holds the sliding bitmap that answers that question
-//! in constant time and constant memory.
+//! in constant time and bounded memory.
 //!
 //! # Ring of blocks
 //!
@@ -34,13 +34,38 @@
 //! [`Verdict::TooOld`] by arithmetic before the bitmap is read. So the accepted range is exactly
 //! `W` packets behind `h`, independent of how `h` is aligned.
 //!
+//! # The bitmap only when it holds something
+//!
+//! A gateway holds a window per session, and most sessions are idle most of the time: the ring
+//! (`8 * N` bytes, 1,032 for the default 8,192 packets) is therefore allocated only while it
+//! remembers something besides `h` itself. Without a ring, the window knows that `h` was
+//! accepted and that no other counter within `W` of it was. That is the state of a window that
+//! has accepted one counter, and of one whose every counter came `W` or more above the previous
+//! (control packets mostly do: their counters follow the sender's clock in units of 2^-20 ms).
+//! The ring is allocated, with `h`'s bit set, by the first counter accepted within `W` of `h`,
+//! above or below it, and dropped when a counter `W` or more above `h` expires all it held. The
+//! verdicts are exactly those of a window that always kept its ring.
+//!
+//! # Compaction
+//!
+//! [`ReplayWindow::compact`] drops the ring of a window that went idle and keeps only `h`: from
+//! then on every counter at or below that `h` is refused, `h` as [`Verdict::Replayed`] and the
+//! others as [`Verdict::TooOld`], whether or not they were seen. Counters above it are judged as
+//! before. This only ever refuses more, never accepts a replay: a counter a compacted window
+//! accepts is above every counter it accepted before compaction, and the uncompacted window fed
+//! the same packets would have accepted it too. What is lost is a packet that was still in
+//! flight, out of order, when the window was compacted; the caller compacts only after a
+//! silence far longer than any reordering.
+//!
 //! # Verdicts
 //!
-//! With `W = window_size()` and `h` the highest accepted counter:
+//! With `W = window_size()`, `h` the highest accepted counter and `f` the highest counter at
+//! the last compaction (none if never compacted):
 //!
 //! * nothing accepted yet, or `c > h`: [`Verdict::Fresh`];
 //! * `h - c >= W`: [`Verdict::TooOld`], whether or not `c` was accepted before (the window no
 //!   longer remembers it);
+//! * `c < f`: [`Verdict::TooOld`] likewise (compaction forgot it);
 //! * otherwise [`Verdict::Replayed`] if `c` was accepted before, else [`Verdict::Fresh`].
 //!
 //! Counter `0` is a valid first counter and every value up to and including `u64::MAX` works;
@@ -63,21 +88,31 @@ const BIT_MASK: u64 = BLOCK_BITS - 1;
 
 /// Data-plane anti-replay window (RFC 6479): remembers which of the last
 /// [`window_size`](Self::window_size) counters below the highest accepted one have been seen,
-/// in fixed memory and constant time per packet.
+/// in bounded memory and constant time per packet.
 ///
 /// Typical use: [`check`](Self::check) the counter of a received packet, authenticate the
 /// packet, then [`update`](Self::update) the window; or use
 /// [`check_and_update`](Self::check_and_update) when the packet is already authenticated.
+/// [`compact`](Self::compact) an idle window to give its memory back.
 #[derive(Clone)]
 pub struct ReplayWindow {
-    /// The ring of bitmap blocks. Invariant: `blocks.len() == window / 64 + 1`, which is between
-    /// 33 and 16385, so it is never zero and always fits in a `u64`.
-    blocks: Box<[u64]>,
+    /// The bitmap, while it remembers a counter other than `highest` (module documentation,
+    /// "The bitmap only when it holds something"). `None`: no counter within the window other
+    /// than `highest` was accepted at or above `floor`.
+    ring: Option<Ring>,
     /// Effective window `W`: a multiple of 64 in `MIN_SIZE..=MAX_SIZE`.
     window: u64,
     /// Highest counter accepted so far, `None` until the first one.
     highest: Option<u64>,
+    /// Counters below this are refused whatever the bitmap says: the highest counter at the
+    /// last compaction, 0 if never compacted. Never above `highest`.
+    floor: u64,
 }
+
+/// The ring of bitmap blocks. Invariant: its length is `window / 64 + 1`, which is between 33
+/// and 16385, so it is never zero and always fits in a `u64`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ring(Box<[u64]>);
 
 impl ReplayWindow {
     /// Smallest window allowed.
@@ -85,12 +120,14 @@ impl ReplayWindow {
     /// Largest window allowed (2^20 packets, about 128 KiB of bitmap).
     pub const MAX_SIZE: u64 = 1 << 20;
 
-    /// Creates an empty window covering `size` packets.
+    /// Creates an empty window covering `size` packets. Allocates nothing: the bitmap comes
+    /// with the first counter that needs it.
     ///
     /// `size` must be in `MIN_SIZE..=MAX_SIZE`, otherwise a [`WindowSizeError`] is returned. It is
-    /// rounded up to a multiple of 64 (so `2049` becomes `2112`), and `size / 64 + 1` blocks are
-    /// allocated so that the effective window is exactly [`window_size`](Self::window_size)
-    /// packets at every alignment (see the module documentation).
+    /// rounded up to a multiple of 64 (so `2049` becomes `2112`), and the bitmap has
+    /// `size / 64 + 1` blocks so that the effective window is exactly
+    /// [`window_size`](Self::window_size) packets at every alignment (see the module
+    /// documentation).
     ///
     /// # Errors
     ///
@@ -102,12 +139,11 @@ impl ReplayWindow {
         // size <= 2^20, so rounding up to a multiple of 64 cannot overflow, and the result
         // stays <= 2^20 because 2^20 is itself a multiple of 64.
         let window = size.div_ceil(BLOCK_BITS) * BLOCK_BITS;
-        let count =
-            usize::try_from(window / BLOCK_BITS + 1).map_err(|_| WindowSizeError { size })?;
         Ok(Self {
-            blocks: vec![0; count].into_boxed_slice(),
+            ring: None,
             window,
             highest: None,
+            floor: 0,
         })
     }
 
@@ -124,6 +160,23 @@ impl ReplayWindow {
     #[must_use]
     pub fn highest(&self) -> Option<u64> {
         self.highest
+    }
+
+    /// Whether the bitmap is currently allocated (`8 * (window_size() / 64 + 1)` bytes).
+    #[must_use]
+    pub fn holds_bitmap(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Drops the bitmap and refuses, from now on, every counter at or below the highest one
+    /// accepted so far (see the module documentation, "Compaction"). For a window that has
+    /// seen no packet for a long time; it never makes a replay acceptable. Does nothing to a
+    /// window that has accepted nothing.
+    pub fn compact(&mut self) {
+        if let Some(highest) = self.highest {
+            self.ring = None;
+            self.floor = highest;
+        }
     }
 
     /// Checks `counter` and, if it is fresh, marks it seen.
@@ -153,13 +206,17 @@ impl ReplayWindow {
             return Verdict::Fresh;
         }
         // counter <= highest, so the subtraction cannot underflow.
-        if highest - counter >= self.window {
+        if highest - counter >= self.window || counter < self.floor {
             return Verdict::TooOld;
         }
-        if self.is_marked(counter) {
-            Verdict::Replayed
-        } else {
-            Verdict::Fresh
+        if counter == highest {
+            return Verdict::Replayed;
+        }
+        match &self.ring {
+            Some(ring) if ring.is_marked(counter) => Verdict::Replayed,
+            Some(_) => Verdict::Fresh,
+            // Without a ring nothing in the window but `highest` was accepted.
+            None => Verdict::Fresh,
         }
     }
 
@@ -173,40 +230,68 @@ impl ReplayWindow {
         if verdict != Verdict::Fresh {
             return verdict;
         }
-        let Some(slot) = self.slot(counter) else {
-            // Unreachable: `slot` only fails if the ring were empty, which `new` rules out.
-            // Fail closed without touching the state.
-            return Verdict::Replayed;
+        let Some(highest) = self.highest else {
+            // The first counter: remembered as `highest` alone, no ring needed yet.
+            self.highest = Some(counter);
+            return verdict;
         };
-        match self.highest {
-            Some(highest) if counter <= highest => {}
-            Some(highest) => {
-                self.advance(highest, counter);
-                self.highest = Some(counter);
-            }
-            // First counter: the ring is still all zeroes, nothing to clear.
-            None => self.highest = Some(counter),
+        if counter > highest && counter - highest >= self.window {
+            // Everything remembered so far is now out of the window: only the new highest
+            // remains, which needs no ring, and the floor is below the window too.
+            self.ring = None;
+            self.floor = 0;
+            self.highest = Some(counter);
+            return verdict;
         }
-        if let Some(block) = self.blocks.get_mut(slot) {
+        // `counter` is within the window of `highest`, above or below it: a ring is needed.
+        let ring = match self.ring.as_mut() {
+            Some(ring) => {
+                if counter > highest {
+                    ring.advance(highest, counter);
+                }
+                ring
+            }
+            None => self.ring.insert(Ring::remembering(self.window, highest)),
+        };
+        ring.mark(counter);
+        if counter > highest {
+            self.highest = Some(counter);
+        }
+        verdict
+    }
+}
+
+impl Ring {
+    /// A ring for window `window`, in which only `highest` is marked.
+    fn remembering(window: u64, highest: u64) -> Self {
+        // window <= 2^20, so the block count fits in a usize on every supported target.
+        let count = usize::try_from(window / BLOCK_BITS + 1).unwrap_or(usize::MAX);
+        let mut ring = Self(vec![0; count].into_boxed_slice());
+        ring.mark(highest);
+        ring
+    }
+
+    /// Sets `counter`'s bit.
+    fn mark(&mut self, counter: u64) {
+        if let Some(block) = self.slot(counter).and_then(|slot| self.0.get_mut(slot)) {
             *block |= 1 << (counter & BIT_MASK);
         }
-        Verdict::Fresh
     }
 
     /// Whether `counter`'s bit is set. Only meaningful for counters inside the window.
     /// Fails closed (reports "seen") in the unreachable case of an empty ring.
     fn is_marked(&self, counter: u64) -> bool {
         self.slot(counter)
-            .and_then(|slot| self.blocks.get(slot))
+            .and_then(|slot| self.0.get(slot))
             .is_none_or(|block| block & (1 << (counter & BIT_MASK)) != 0)
     }
 
     /// Ring slot holding `counter`'s block: `(counter >> 6) % N`.
     ///
-    /// Always `Some(slot)` with `slot < blocks.len()`: the ring is never empty (see the field
-    /// invariant) and a remainder modulo a `usize` length converts back to `usize` losslessly.
+    /// Always `Some(slot)` with `slot < N`: the ring is never empty (see the type's invariant)
+    /// and a remainder modulo a `usize` length converts back to `usize` losslessly.
     fn slot(&self, counter: u64) -> Option<usize> {
-        let len = u64::try_from(self.blocks.len()).ok()?;
+        let len = u64::try_from(self.0.len()).ok()?;
         let slot = (counter >> BLOCK_SHIFT).checked_rem(len)?;
         usize::try_from(slot).ok()
     }
@@ -220,22 +305,22 @@ impl ReplayWindow {
         if passed == 0 {
             return;
         }
-        let len = self.blocks.len();
+        let len = self.0.len();
         let (Ok(passed), Some(mut slot)) = (usize::try_from(passed), self.slot(highest)) else {
             // More blocks passed than fit in a usize: certainly at least a whole ring.
-            self.blocks.fill(0);
+            self.0.fill(0);
             return;
         };
         if passed >= len {
             // Every live block is expired: forget everything. Bounded by the block count.
-            self.blocks.fill(0);
+            self.0.fill(0);
             return;
         }
         // passed < len: clear the `passed` slots following the old highest block, wrapping
         // around the ring. `slot` stays < len, so every `get_mut` succeeds.
         for _ in 0..passed {
             slot = if slot + 1 >= len { 0 } else { slot + 1 };
-            if let Some(block) = self.blocks.get_mut(slot) {
+            if let Some(block) = self.0.get_mut(slot) {
                 *block = 0;
             }
         }
@@ -258,8 +343,9 @@ pub enum Verdict {
     Fresh,
     /// Already accepted and still inside the window: drop the packet.
     Replayed,
-    /// `window_size()` or more below the highest accepted counter: drop the packet, whether or
-    /// not it was seen before.
+    /// `window_size()` or more below the highest accepted counter, or below the highest
+    /// counter at the last [`compact`](ReplayWindow::compact): drop the packet, whether or not
+    /// it was seen before.
     TooOld,
 }
 
@@ -307,11 +393,13 @@ mod tests {
         }
     }
 
-    /// The obviously-correct reference: every accepted counter plus the highest one.
+    /// The obviously-correct reference: every accepted counter plus the highest one, and the
+    /// highest counter at the last compaction.
     struct Model {
         window: u64,
         accepted: BTreeSet<u64>,
         highest: Option<u64>,
+        compacted_at: Option<u64>,
     }
 
     impl Model {
@@ -320,6 +408,7 @@ mod tests {
                 window,
                 accepted: BTreeSet::new(),
                 highest: None,
+                compacted_at: None,
             }
         }
 
@@ -329,10 +418,23 @@ mod tests {
                     return Verdict::TooOld;
                 }
             }
+            // A compacted window refuses everything at or below the highest counter it had
+            // then: that one as a replay, the others as forgotten.
+            match self.compacted_at {
+                Some(f) if c < f => return Verdict::TooOld,
+                Some(f) if c == f => return Verdict::Replayed,
+                _ => {}
+            }
             if self.accepted.contains(&c) {
                 Verdict::Replayed
             } else {
                 Verdict::Fresh
+            }
+        }
+
+        fn compact(&mut self) {
+            if self.highest.is_some() {
+                self.compacted_at = self.highest;
             }
         }
 
@@ -347,17 +449,39 @@ mod tests {
     }
 
     /// Feeds `counters` to a window and to the model, comparing every verdict. `modes` picks,
-    /// per step, `check_and_update` (0), `check` then `update` (1), or `check` alone as if
-    /// authentication failed (2); missing modes default to 0. Finally compares `check` for every
-    /// counter from just over a window below the highest to just above it.
+    /// per step, `check_and_update` (0), `check` then `update` (1), `check` alone as if
+    /// authentication failed (2), or `compact` then `check_and_update` (3); missing modes
+    /// default to 0. Finally compares `check` for every counter from just over a window below
+    /// the highest to just above it.
+    ///
+    /// Whatever the modes, also checks the two safety properties of compaction against a
+    /// reference that is never compacted and is fed the same counters: the window never
+    /// accepts a counter it accepted before, and accepts nothing the reference refuses.
     fn run_against_model(size: u64, counters: &[u64], modes: &[u8]) -> Result<(), TestCaseError> {
         let mut w = window(size);
         let mut m = Model::new(w.window_size());
+        let mut uncompacted = Model::new(w.window_size());
         let modes = modes.iter().copied().chain(std::iter::repeat(0));
         for (step, (&c, mode)) in counters.iter().zip(modes).enumerate() {
+            if mode == 3 {
+                w.compact();
+                m.compact();
+                prop_assert!(
+                    !w.holds_bitmap(),
+                    "step {} compacted but holds its bitmap",
+                    step
+                );
+            }
             let expected = m.check(c);
-            match mode % 3 {
-                0 => {
+            let was_accepted = m.accepted.contains(&c);
+            // The reference commits what authenticated (every mode but 2), by its own verdict.
+            let reference = if mode == 2 {
+                uncompacted.check(c)
+            } else {
+                uncompacted.update(c)
+            };
+            match mode {
+                0 | 3 => {
                     let got = w.check_and_update(c);
                     prop_assert_eq!(got, expected, "step {} check_and_update({})", step, c);
                     m.update(c);
@@ -376,6 +500,10 @@ mod tests {
                     let got = w.check(c);
                     prop_assert_eq!(got, expected, "step {} check-only({})", step, c);
                 }
+            }
+            if expected == Verdict::Fresh {
+                prop_assert!(!was_accepted, "step {} counter {} accepted twice", step, c);
+                prop_assert_eq!(reference, Verdict::Fresh, "step {} accepts more", step);
             }
             prop_assert_eq!(w.highest(), m.highest, "step {} highest", step);
         }
@@ -401,6 +529,12 @@ mod tests {
 
     fn modes() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(0u8..3, 0..4000)
+    }
+
+    /// Modes with a compaction now and then (mode 3, about one step in 200).
+    fn modes_with_compaction() -> impl Strategy<Value = Vec<u8>> {
+        let mode = prop_oneof![199 => 0u8..3, 1 => Just(3u8)];
+        prop::collection::vec(mode, 0..4000)
     }
 
     /// Counters drawn from a small range, so most are duplicates or fall out of the window.
@@ -545,6 +679,15 @@ mod tests {
 
         #[test]
         fn matches_model_near_u64_max(size in sizes(), counters in near_max(), modes in modes()) {
+            run_against_model(size, &counters, &modes)?;
+        }
+
+        #[test]
+        fn compacted_window_matches_model_and_never_accepts_a_replay(
+            size in sizes(),
+            counters in prop_oneof![small_range(), duplicated(), big_jumps(), near_max()],
+            modes in modes_with_compaction(),
+        ) {
             run_against_model(size, &counters, &modes)?;
         }
     }
@@ -736,12 +879,12 @@ mod tests {
         assert_eq!(w.check(7), Verdict::Fresh);
         assert_eq!(w.highest(), None);
         accept_all(&mut w, [100, 98]);
-        let blocks = w.blocks.clone();
+        let ring = w.ring.clone();
         for c in [99, 101, 5000, u64::MAX, 0, 100] {
             let first = w.check(c);
             assert_eq!(w.check(c), first, "counter {c}");
         }
-        assert_eq!(w.blocks, blocks);
+        assert_eq!(w.ring, ring);
         assert_eq!(w.highest(), Some(100));
         assert_eq!(w.check_and_update(99), Verdict::Fresh);
         assert_eq!(w.check_and_update(5000), Verdict::Fresh);
@@ -751,10 +894,10 @@ mod tests {
     fn refused_packets_leave_the_window_unchanged() {
         let mut w = window(2048);
         accept_all(&mut w, [5000, 4000]);
-        let blocks = w.blocks.clone();
+        let ring = w.ring.clone();
         assert_eq!(w.check_and_update(4000), Verdict::Replayed);
         assert_eq!(w.update(100), Verdict::TooOld);
-        assert_eq!(w.blocks, blocks);
+        assert_eq!(w.ring, ring);
         assert_eq!(w.highest(), Some(5000));
     }
 
@@ -765,6 +908,101 @@ mod tests {
         assert_eq!(w.highest(), Some(500));
         assert_eq!(w.check_and_update(501), Verdict::Fresh);
         assert_eq!(w.highest(), Some(501));
+    }
+
+    #[test]
+    fn bitmap_is_allocated_only_once_a_second_counter_is_within_the_window() {
+        let mut w = window(8192);
+        let ws = w.window_size();
+        assert!(!w.holds_bitmap(), "new window");
+        accept_all(&mut w, [1_000]);
+        assert!(!w.holds_bitmap(), "one counter");
+        // Counters a whole window or more apart (as control keepalives are) need no bitmap.
+        accept_all(&mut w, [1_000 + ws, 1_000 + 3 * ws + 17]);
+        assert!(!w.holds_bitmap(), "counters a window apart");
+        let h = 1_000 + 3 * ws + 17;
+        assert_eq!(w.check(h), Verdict::Replayed);
+        assert_eq!(w.check(h - 1), Verdict::Fresh);
+        assert_eq!(w.check(h - (ws - 1)), Verdict::Fresh);
+        assert_eq!(w.check(h - ws), Verdict::TooOld);
+        // A reordered counter needs one; the highest is still remembered in it.
+        accept_all(&mut w, [h - 5]);
+        assert!(w.holds_bitmap(), "reordered counter");
+        assert_eq!(w.check(h), Verdict::Replayed);
+        assert_eq!(w.check(h - 5), Verdict::Replayed);
+        assert_eq!(w.check(h - 4), Verdict::Fresh);
+        // A jump of a whole window expires everything it held: the bitmap goes.
+        accept_all(&mut w, [h + ws]);
+        assert!(!w.holds_bitmap(), "jump of a window");
+        assert_eq!(w.check(h), Verdict::TooOld);
+        assert_eq!(w.check(h + 1), Verdict::Fresh);
+        // In-order traffic needs one from its second packet.
+        accept_all(&mut w, [h + ws + 1]);
+        assert!(w.holds_bitmap(), "in-order counter");
+        assert_eq!(w.check(h + ws), Verdict::Replayed);
+    }
+
+    #[test]
+    fn compaction_refuses_every_counter_at_or_below_the_highest() {
+        let mut w = window(2048);
+        // Every third counter of a stretch shorter than the window, the highest last.
+        accept_all(&mut w, (10_000..11_000).step_by(3));
+        let h = 10_999;
+        assert_eq!(w.highest(), Some(h));
+        assert_eq!(w.check(10_001), Verdict::Fresh, "a gap before compaction");
+        w.compact();
+        assert!(!w.holds_bitmap());
+        assert_eq!(w.highest(), Some(h));
+        assert_eq!(w.check_and_update(h), Verdict::Replayed);
+        for c in h - 2047..h {
+            // Seen or not, nothing below the highest gets through any more.
+            assert_eq!(w.check_and_update(c), Verdict::TooOld, "counter {c}");
+        }
+        // Above it, the window works as before, including reordering.
+        accept_all(&mut w, [h + 10, h + 3, h + 1]);
+        assert!(w.holds_bitmap());
+        for c in [h, h + 1, h + 3, h + 10] {
+            assert_eq!(w.check(c), Verdict::Replayed, "counter {c}");
+        }
+        for c in [h + 2, h + 4, h + 9, h + 11] {
+            assert_eq!(w.check(c), Verdict::Fresh, "counter {c}");
+        }
+        assert_eq!(w.check(h - 1), Verdict::TooOld);
+    }
+
+    #[test]
+    fn compacting_an_empty_window_changes_nothing() {
+        let mut w = window(2048);
+        w.compact();
+        assert_eq!(w.highest(), None);
+        accept_all(&mut w, [5, 3, 0]);
+        assert_eq!(w.check(4), Verdict::Fresh);
+        assert_eq!(w.check(3), Verdict::Replayed);
+    }
+
+    #[test]
+    fn a_jump_of_a_window_after_compaction_leaves_an_ordinary_window() {
+        let mut w = window(2048);
+        accept_all(&mut w, [70_000, 69_990]);
+        w.compact();
+        let h = 70_000 + w.window_size();
+        accept_all(&mut w, [h]);
+        let mut plain = window(2048);
+        accept_all(&mut plain, [h]);
+        for c in h - 2100..h + 10 {
+            assert_eq!(w.check(c), plain.check(c), "counter {c}");
+        }
+        // Reordering below the new highest is accepted again.
+        assert_eq!(w.check_and_update(h - 1), Verdict::Fresh);
+    }
+
+    #[test]
+    fn compaction_at_u64_max_refuses_it_and_everything_below() {
+        let mut w = window(2048);
+        accept_all(&mut w, [u64::MAX - 1, u64::MAX]);
+        w.compact();
+        assert_eq!(w.check_and_update(u64::MAX), Verdict::Replayed);
+        assert_eq!(w.check_and_update(u64::MAX - 2), Verdict::TooOld);
     }
 
     #[test]

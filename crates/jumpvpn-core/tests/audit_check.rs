@@ -322,7 +322,7 @@ fn born(id: u128, node: &str, now: u64) -> SessionRecord {
             owner: NodeId::new(node),
             client_key: [7; 32],
             tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-            policy: Policy::default(),
+            policy: Policy::default().into(),
             secrets: SealedSecret(vec![1, 2, 3].into()),
         },
         Timestamp(now),

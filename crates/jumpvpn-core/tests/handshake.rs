@@ -5,7 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use jumpvpn_core::crypto::{Kek, MasterSecret};
-use jumpvpn_core::handshake::{public_key, ClientHandshake, Entropy, HandshakeError, InitReceived};
+use jumpvpn_core::handshake::{
+    public_key, ClientHandshake, Entropy, HandshakeError, InitReceived, Responder,
+};
 use jumpvpn_core::wire::{HandshakeAckPayload, Packet};
 use jumpvpn_core::{OwnerEpoch, Proto, SessionId, StateVersion, TransportId};
 
@@ -51,6 +53,31 @@ fn both_ends_derive_one_master_secret_and_the_ack_payload_arrives() {
     let (payload, client_master) = client.finish(noise_of(&reply)).expect("finishes");
     assert_eq!(payload, ack());
     assert!(same_secret(&gateway_master, &client_master));
+}
+
+#[test]
+fn a_responder_with_precomputed_keys_agrees_with_its_clients_known_or_not() {
+    let gateway_public = public_key(&GATEWAY).expect("valid key");
+    let stranger = [11u8; 32];
+    let responder = Responder::new(&GATEWAY, [&public_key(&CLIENT).expect("valid key")]);
+    for (private, seed) in [(CLIENT, [1; 32]), (stranger, [3; 32])] {
+        let mut init = Vec::new();
+        let client = ClientHandshake::initiate(&private, &gateway_public, 7, seed, &mut init)
+            .expect("initiates");
+        let received = responder.open(noise_of(&init), [2; 32]).expect("opens");
+        assert_eq!(
+            received.client_key,
+            public_key(&private).expect("valid key")
+        );
+        let mut reply = Vec::new();
+        let gateway_master = received.accept(&ack(), &mut reply).expect("answers");
+        let (_, client_master) = client.finish(noise_of(&reply)).expect("finishes");
+        assert!(same_secret(&gateway_master, &client_master));
+        // The same init, opened without any precomputation, gives the same secret.
+        let plain = InitReceived::open(&GATEWAY, noise_of(&init), [2; 32]).expect("opens");
+        let plain_master = plain.accept(&ack(), &mut Vec::new()).expect("answers");
+        assert!(same_secret(&gateway_master, &plain_master));
+    }
 }
 
 #[test]

@@ -395,7 +395,7 @@ fn store_commit_latency() -> anyhow::Result<Vec<f64>> {
                     owner: NodeId::new("bench"),
                     client_key: [3; 32],
                     tunnel_ip: crate::lab::CLIENT_TUNNEL_IP.into(),
-                    policy: Policy::default(),
+                    policy: Policy::default().into(),
                     secrets: SealedSecret::new(vec![0x5A; 48]),
                 },
                 jumpvpn_core::Timestamp(1),

@@ -47,7 +47,7 @@ fn records() -> BTreeMap<SessionId, SessionRecord> {
                 owner: node.clone(),
                 client_key: [host; 32],
                 tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, host)),
-                policy: Policy::default(),
+                policy: Policy::default().into(),
                 secrets: SealedSecret::new(SECRET.to_vec()),
             },
             Timestamp(T0),

@@ -33,7 +33,7 @@ fn session_life(freezes: usize) -> Vec<AuditEvent> {
             owner: node.clone(),
             client_key: [7; 32],
             tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-            policy: Policy::default(),
+            policy: Policy::default().into(),
             secrets: SealedSecret::new(vec![0xAA; 48]),
         },
         T0,

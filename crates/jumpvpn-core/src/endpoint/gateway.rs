@@ -29,11 +29,12 @@ use crate::endpoint::{
     ip_destination, ip_source, next_control_counter, open_sealed, open_sealed_into, seal_control,
     seal_data, Path, Transmit,
 };
-use crate::handshake::{Entropy, InitReceived};
+use crate::handshake::{Entropy, Responder};
 use crate::health::{HealthMonitor, HealthSample, HealthSignal};
 use crate::ids::{NodeId, OwnerEpoch, SessionId, StateVersion, Timestamp, TransportId};
 use crate::machine::{
-    self, apply, next_deadline, Context, Outcome, ReattachAttempt, Refusal, SessionEvent,
+    self, apply, next_deadline, Context, Outcome, ProofVerdict, ReattachAttempt, Refusal,
+    SessionEvent,
 };
 use crate::policy::Policy;
 use crate::reason::{ReasonCode, ViolationType};
@@ -54,6 +55,10 @@ const LOADS_PER_SECOND: u32 = 200;
 const CONTROL_WINDOW: u64 = ReplayWindow::MIN_SIZE;
 /// A handshake not confirmed by the client within this many ms is forgotten.
 const CONFIRM_MS: u64 = 15_000;
+/// A replay window that has accepted nothing for this long is compacted: its bitmap is freed
+/// and nothing at or below its highest counter is accepted any more. Far longer than any
+/// reordering, so only packets no one waits for are lost.
+const COMPACT_AFTER_MS: u64 = 5_000;
 
 /// An authorised client (SPEC §9 `[[peer]]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,11 +185,14 @@ pub struct GatewayStats {
 /// The gateway endpoint.
 pub struct Gateway {
     node: NodeId,
-    private_key: Zeroizing<[u8; 32]>,
+    /// Opens handshake inits: the static key and what is precomputed from it.
+    responder: Responder,
     kek: Kek,
-    policy: Policy,
+    /// The policy of new sessions: one snapshot that all of them share.
+    policy: Arc<Policy>,
     peers: HashMap<[u8; 32], PeerState>,
-    sessions: HashMap<SessionId, Live>,
+    /// Boxed: a map keeps up to half of its slots empty, and a slot is the size of its value.
+    sessions: HashMap<SessionId, Box<Live>>,
     provisional: HashMap<SessionId, Provisional>,
     by_ip: HashMap<IpAddr, SessionId>,
     pending: HashMap<u64, Pending>,
@@ -218,10 +226,11 @@ struct Provisional {
     expires: Timestamp,
 }
 
-/// A session this gateway holds: the committed record and what is derived from it.
+/// A session this gateway holds: the committed record and what is derived from it. The master
+/// secret is not kept: the record holds it sealed, and a reattach (proof, new binding keys)
+/// opens it.
 struct Live {
     record: SessionRecord,
-    master: MasterSecret,
     control: DirectionalKeys,
     control_tx: u64,
     control_rx: ReplayWindow,
@@ -243,6 +252,8 @@ struct DataPlane {
     keys: DirectionalKeys,
     rx: ReplayWindow,
     tx: u64,
+    /// When `rx` last accepted a counter (meaningless while it has accepted none).
+    last_accepted: Timestamp,
     /// Keys recomputed after a reload: counters are unknown, so nothing is sent or forwarded
     /// under them; an authentic packet only earns the client a `REATTACH_HINT`.
     resumed: bool,
@@ -327,9 +338,12 @@ impl Gateway {
             .collect();
         Self {
             node: config.node,
-            private_key: config.private_key,
+            responder: Responder::new(
+                &config.private_key,
+                config.peers.iter().map(|p| &p.public_key),
+            ),
             kek,
-            policy: config.policy,
+            policy: Arc::new(config.policy),
             peers,
             sessions: HashMap::new(),
             provisional: HashMap::new(),
@@ -573,7 +587,8 @@ impl Gateway {
         self.next_tick = Some(now.plus(TICK_MS));
         self.expire_provisional(now);
         let mut due = Vec::new();
-        for (id, live) in &self.sessions {
+        for (id, live) in &mut self.sessions {
+            live.compact_idle_windows(now);
             if live.busy {
                 continue;
             }
@@ -610,7 +625,7 @@ impl Gateway {
 
     fn on_init(&mut self, now: Timestamp, path: Path, noise: &[u8]) {
         let seed = self.entropy.seed();
-        let Ok(init) = InitReceived::open(&self.private_key, noise, seed) else {
+        let Ok(init) = self.responder.open(noise, seed) else {
             self.stats.handshakes_rejected += 1;
             return;
         };
@@ -838,7 +853,10 @@ impl Gateway {
                 client_addr: path.remote,
                 gateway_addr: path.local,
             },
-            proof: live.master.verify(&request),
+            proof: self
+                .kek
+                .open(request.session, &live.record.secrets)
+                .map_or(ProofVerdict::Invalid, |master| master.verify(&request)),
         };
         let mut attempt = attempt;
         attempt.candidate.transport_id = self.next_transport_id(now);
@@ -1002,6 +1020,7 @@ impl Gateway {
             self.stats.replayed += 1;
             return false;
         }
+        data.last_accepted = now;
         live.last_rx = now;
         if ip_source(tun.get(start..).unwrap_or_default()) != Some(live.record.tunnel_ip) {
             // Only the client's own tunnel address may be a source (no spoofing into the LAN).
@@ -1136,7 +1155,11 @@ impl Gateway {
         let terminated = record.is_terminated();
         let old_path = live.data.as_ref().map(|d| d.path);
         if rebound {
-            live.data = DataPlane::of(&live.master, &record);
+            live.data = self
+                .kek
+                .open(session, &record.secrets)
+                .ok()
+                .and_then(|master| DataPlane::of(&master, &record));
             live.last_rx = now;
             // The hint limit is per binding: the next path change is hinted at once.
             live.last_hint = None;
@@ -1367,17 +1390,17 @@ impl DataPlane {
             keys: master.binding_keys(record.session_id, b.bound_at_version, record.owner_epoch),
             rx: window(&record.policy),
             tx: 0,
+            last_accepted: Timestamp(0),
             resumed: false,
         })
     }
 }
 
 impl Live {
-    fn new(record: SessionRecord, master: MasterSecret, now: Timestamp) -> Self {
-        Self {
+    fn new(record: SessionRecord, master: MasterSecret, now: Timestamp) -> Box<Self> {
+        Box::new(Self {
             data: DataPlane::of(&master, &record),
             control: master.control_keys(record.session_id),
-            master,
             control_tx: 0,
             control_rx: control_window(),
             control_floor: 0,
@@ -1387,6 +1410,22 @@ impl Live {
             last_hint: None,
             reattaches: RateWindow::default(),
             record,
+        })
+    }
+
+    /// Frees the replay bitmaps of windows that have accepted nothing for `COMPACT_AFTER_MS`
+    /// (an idle session keeps a few words per window instead of a kilobyte). The control
+    /// window goes by the last packet on the binding, the data window by its last data packet.
+    fn compact_idle_windows(&mut self, now: Timestamp) {
+        if now.since(self.last_rx) >= COMPACT_AFTER_MS {
+            self.control_rx.compact();
+        }
+        if let Some(data) = self
+            .data
+            .as_mut()
+            .filter(|d| now.since(d.last_accepted) >= COMPACT_AFTER_MS)
+        {
+            data.rx.compact();
         }
     }
 }
@@ -1405,4 +1444,174 @@ fn control_window() -> ReplayWindow {
 
 fn clamp_u32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use super::*;
+    use crate::endpoint::client::{CandidateSpec, Client, ClientConfig, ClientOutput};
+    use crate::handshake::public_key;
+    use crate::record::Proto;
+
+    const GATEWAY_KEY: [u8; 32] = [7; 32];
+    const CLIENT_KEY: [u8; 32] = [9; 32];
+    const TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    fn key(private: &[u8; 32]) -> [u8; 32] {
+        match public_key(private) {
+            Ok(k) => k,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn path() -> Path {
+        Path {
+            proto: Proto::Udp,
+            remote: SocketAddr::from(([192, 0, 2, 7], 40_000)),
+            local: SocketAddr::from(([198, 51, 100, 1], 51_820)),
+        }
+    }
+
+    /// A minimal IPv4 packet from the client's tunnel address, told apart by `tag`.
+    fn ip_packet(tag: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[12..16].copy_from_slice(&TUNNEL_IP.octets());
+        p[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        p.push(tag);
+        p
+    }
+
+    /// A gateway and a client with an attached session; the store accepts every write.
+    fn attached() -> (Gateway, Client, SessionId) {
+        let mut gateway = Gateway::new(GatewayConfig {
+            node: NodeId::new("gw1"),
+            private_key: Zeroizing::new(GATEWAY_KEY),
+            policy: Policy::default(),
+            peers: vec![Peer {
+                public_key: key(&CLIENT_KEY),
+                tunnel_ip: IpAddr::V4(TUNNEL_IP),
+            }],
+            seed: [2; 32],
+        });
+        let mut client = Client::new(ClientConfig {
+            private_key: Zeroizing::new(CLIENT_KEY),
+            gateway_public: key(&GATEWAY_KEY),
+            candidates: vec![CandidateSpec {
+                proto: Proto::Udp,
+                addr: path().local,
+            }],
+            node: NodeId::new("c"),
+            seed: [3; 32],
+        });
+        let now = Timestamp(1_000);
+        client.connect(now, 1);
+        for bytes in client_transmits(&mut client) {
+            gateway.handle_packet(now, path(), &bytes);
+        }
+        for bytes in gateway_transmits(&mut gateway, now) {
+            client.handle_packet(now, 0, &bytes);
+        }
+        // The client's keepalive confirms the handshake; the gateway then writes the session.
+        for bytes in client_transmits(&mut client) {
+            gateway.handle_packet(now, path(), &bytes);
+        }
+        for bytes in gateway_transmits(&mut gateway, now) {
+            client.handle_packet(now, 0, &bytes);
+        }
+        let Some(session) = client.session() else {
+            panic!("the handshake did not complete");
+        };
+        assert!(gateway.session(session).is_some(), "confirmed and written");
+        (gateway, client, session)
+    }
+
+    fn client_transmits(client: &mut Client) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| client.poll_output())
+            .filter_map(|out| match out {
+                ClientOutput::Transmit { bytes, .. } => Some(bytes),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Drains the gateway's outputs, answering store writes: its transmits.
+    fn gateway_transmits(gateway: &mut Gateway, now: Timestamp) -> Vec<Vec<u8>> {
+        let mut transmits = Vec::new();
+        while let Some(out) = gateway.poll_output() {
+            match out {
+                GatewayOutput::Store(req) => {
+                    gateway.handle_store(now, req.id, StoreOutcome::Written);
+                }
+                GatewayOutput::Transmit(t) => transmits.push(t.bytes),
+                _ => {}
+            }
+        }
+        transmits
+    }
+
+    /// Drains the gateway's outputs: the packets it wrote to the TUN device.
+    fn delivered(gateway: &mut Gateway) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| gateway.poll_output())
+            .filter_map(|out| match out {
+                GatewayOutput::Tun(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn data_window_holds_bitmap(gateway: &Gateway, session: SessionId) -> bool {
+        gateway
+            .sessions
+            .get(&session)
+            .and_then(|l| l.data.as_ref())
+            .is_some_and(|d| d.rx.holds_bitmap())
+    }
+
+    #[test]
+    fn idle_data_window_is_compacted_and_still_refuses_replays() {
+        let (mut gateway, mut client, session) = attached();
+        assert!(
+            !data_window_holds_bitmap(&gateway, session),
+            "before any data"
+        );
+        let mut sealed = Vec::new();
+        for tag in 0..3 {
+            client.handle_tun(Timestamp(1_100), &ip_packet(tag));
+            sealed.extend(client_transmits(&mut client));
+        }
+        assert_eq!(sealed.len(), 3);
+        // The last two arrive in the wrong order.
+        for i in [0, 2, 1] {
+            gateway.handle_packet(Timestamp(1_100), path(), &sealed[i]);
+        }
+        assert_eq!(delivered(&mut gateway).len(), 3);
+        assert!(
+            data_window_holds_bitmap(&gateway, session),
+            "after reordered data"
+        );
+
+        // Silent, but not yet for long enough.
+        gateway.handle_timeout(Timestamp(1_100 + COMPACT_AFTER_MS - 1));
+        assert!(data_window_holds_bitmap(&gateway, session));
+        let next = gateway.poll_timeout().expect("a timer is armed");
+        assert!(next.since(Timestamp(1_100)) >= COMPACT_AFTER_MS);
+        gateway.handle_timeout(next);
+        assert!(!data_window_holds_bitmap(&gateway, session), "compacted");
+        let now = next;
+        let replayed = gateway.stats().replayed;
+        for bytes in &sealed {
+            gateway.handle_packet(now, path(), bytes);
+        }
+        assert!(delivered(&mut gateway).is_empty(), "a replay got through");
+        assert_eq!(gateway.stats().replayed, replayed + 3);
+        // New traffic flows as before.
+        client.handle_tun(now, &ip_packet(9));
+        for bytes in client_transmits(&mut client) {
+            gateway.handle_packet(now, path(), &bytes);
+        }
+        assert_eq!(delivered(&mut gateway), vec![ip_packet(9)]);
+    }
 }

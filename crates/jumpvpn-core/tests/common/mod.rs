@@ -36,7 +36,7 @@ pub fn birth(id: u128, owner: &NodeId, policy: Policy, now: Timestamp) -> Sessio
             owner: owner.clone(),
             client_key: [7; 32],
             tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2)),
-            policy,
+            policy: policy.into(),
             secrets: SealedSecret::new(vec![0xAA; 48]),
         },
         now,

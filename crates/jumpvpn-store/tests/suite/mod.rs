@@ -21,7 +21,7 @@ pub fn record(id: u128, owner: &str) -> SessionRecord {
             owner: NodeId::new(owner),
             client_key: [3; 32],
             tunnel_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9)),
-            policy: Policy::default(),
+            policy: Policy::default().into(),
             secrets: SealedSecret::new(vec![0x5A; 48]),
         },
         Timestamp(1_700_000_000_000),
