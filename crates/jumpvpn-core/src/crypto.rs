@@ -216,21 +216,27 @@ impl fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
-/// A ChaCha20-Poly1305 key. Its `Debug` shows nothing of it.
+/// A ChaCha20-Poly1305 key, zeroized on drop. Its `Debug` shows nothing of it.
+///
+/// Only the 32 bytes are kept: ring's key object is built for each use (for ChaCha20 that is a
+/// copy of the key), because it is sized for any of ring's AEADs (over 500 bytes, four per
+/// session) and is not zeroized when dropped.
 pub struct AeadKey {
-    // `LessSafeKey` leaves nonce uniqueness to the caller: every nonce here is a counter that
-    // never repeats under one key (a fresh key per binding, counters from 0).
-    key: LessSafeKey,
+    key: Zeroizing<[u8; 32]>,
 }
 
 impl AeadKey {
     fn new(key: Zeroizing<[u8; 32]>) -> Self {
-        let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, key.as_slice()) else {
+        Self { key }
+    }
+
+    // `LessSafeKey` leaves nonce uniqueness to the caller: every nonce here is a counter that
+    // never repeats under one key (a fresh key per binding, counters from 0).
+    fn ring_key(&self) -> LessSafeKey {
+        let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, self.key.as_slice()) else {
             unreachable!("a 32-byte key is valid for ChaCha20-Poly1305")
         };
-        Self {
-            key: LessSafeKey::new(unbound),
-        }
+        LessSafeKey::new(unbound)
     }
 
     /// Appends `plaintext` sealed under `counter` (which must never repeat under this key) and
@@ -245,7 +251,7 @@ impl AeadKey {
         // a packet. Should it fail, the body is zeroed and the tag left zero: the packet then
         // fails to open and leaks nothing.
         match self
-            .key
+            .ring_key()
             .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), body)
         {
             Ok(tag) => out.extend_from_slice(tag.as_ref()),
@@ -280,7 +286,7 @@ impl AeadKey {
         out.extend_from_slice(ciphertext);
         let opened = match out.get_mut(start..) {
             Some(body) => self
-                .key
+                .ring_key()
                 .open_in_place_separate_tag(nonce(counter), Aad::from(aad), tag, body, 0..)
                 .is_ok(),
             None => false,
