@@ -41,12 +41,13 @@ use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::MasterSecret;
-use crate::wire::{HandshakeAckPayload, Packet};
+use crate::wire::{HandshakeAckPayload, Packet, MAC1_LEN};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 const PROLOGUE: &[u8] = b"jumpvpn v1";
 const MASTER_LABEL: &[u8] = b"jumpvpn v1 master secret";
+const MAC1_LABEL: &[u8] = b"jumpvpn v1 mac1";
 /// Bytes of the init payload: the timestamp, a big-endian u64.
 const INIT_PAYLOAD_LEN: usize = 8;
 /// Room for a Noise message: ephemeral (32), static (32 + 16), payload and tags.
@@ -344,10 +345,15 @@ impl ClientHandshake {
         let len = state
             .write_message(&timestamp.to_be_bytes(), &mut noise)
             .map_err(|_| HandshakeError::Key)?;
+        let start = out.len();
         Packet::HandshakeInit {
             noise: &noise[..len],
+            mac1: [0; MAC1_LEN],
         }
         .encode(out);
+        let signed = out.len() - MAC1_LEN;
+        let tag = mac1(&mac1_key(gateway_public), &out[start..signed]);
+        out[signed..].copy_from_slice(&tag);
         Ok(Self { state })
     }
 
@@ -449,6 +455,7 @@ impl InitReceived {
 /// computed once (see the module documentation, "Cost").
 pub struct Responder {
     params: NoiseParams,
+    mac1_key: [u8; 32],
     identity: Arc<Identity>,
 }
 
@@ -475,12 +482,25 @@ impl Responder {
         Self {
             // The name is a constant that parses; a failure would show in every handshake test.
             params: noise_params().unwrap_or_else(|_| unreachable!("NOISE_PARAMS parses")),
+            mac1_key: mac1_key(&x25519_base(gateway_private)),
             identity: Arc::new(Identity {
                 private: Zeroizing::new(*gateway_private),
                 public: x25519_base(gateway_private),
                 static_static,
             }),
         }
+    }
+
+    /// Whether the whole `HANDSHAKE_INIT` packet `init` ends with the `mac1` of a client that
+    /// knows this gateway's public key. One keyed hash, no Diffie-Hellman: datagrams that were
+    /// not made for this gateway (random, corrupted, scanned) cost no more than that. It
+    /// authenticates nothing (the public key is no secret); Noise does that.
+    pub fn mac1_valid(&self, init: &[u8]) -> bool {
+        let Some(signed) = init.len().checked_sub(MAC1_LEN) else {
+            return false;
+        };
+        let (body, tag) = init.split_at(signed);
+        bool::from(mac1(&self.mac1_key, body).ct_eq(tag))
     }
 
     /// Opens a `HANDSHAKE_INIT`'s Noise message; `seed` feeds the gateway's ephemeral key.
@@ -491,6 +511,29 @@ impl Responder {
             .map_err(|_| HandshakeError::Key)?;
         InitReceived::read(state, noise)
     }
+}
+
+/// The key of `mac1` for a gateway: a keyed hash of its public key under our label, as
+/// WireGuard's `HASH(LABEL_MAC1 || S_pub)`.
+fn mac1_key(gateway_public: &[u8; 32]) -> [u8; 32] {
+    // Any key length up to 32 bytes is valid for BLAKE2s.
+    let Ok(mut mac) = <Blake2sMac256 as Mac>::new_from_slice(MAC1_LABEL) else {
+        unreachable!("a 15-byte key is valid for BLAKE2s")
+    };
+    Mac::update(&mut mac, gateway_public);
+    mac.finalize().into_bytes().into()
+}
+
+/// `mac1` of a `HANDSHAKE_INIT`'s bytes before it: BLAKE2s keyed by [`mac1_key`], truncated.
+fn mac1(key: &[u8; 32], body: &[u8]) -> [u8; MAC1_LEN] {
+    let Ok(mut mac) = <Blake2sMac256 as Mac>::new_from_slice(key) else {
+        unreachable!("a 32-byte key is valid for BLAKE2s")
+    };
+    Mac::update(&mut mac, body);
+    let full: [u8; 32] = mac.finalize().into_bytes().into();
+    let mut tag = [0u8; MAC1_LEN];
+    tag.copy_from_slice(&full[..MAC1_LEN]);
+    tag
 }
 
 /// The X25519 public key of a private key (as `jumpvpn pubkey` prints it, before base64).

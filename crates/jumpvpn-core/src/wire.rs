@@ -57,13 +57,19 @@ pub enum PacketType {
     RejectNotice = 6,
 }
 
+/// Length of a `HANDSHAKE_INIT`'s `mac1`.
+pub const MAC1_LEN: usize = 16;
+
 /// A decoded packet. Borrowed fields point into the decoded buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packet<'a> {
-    /// `HANDSHAKE_INIT`: the Noise message.
+    /// `HANDSHAKE_INIT`: the Noise message and a MAC that lets the gateway refuse, before any
+    /// Diffie-Hellman, an init not made for its public key (see `handshake::mac1`).
     HandshakeInit {
         /// Noise IK message 1.
         noise: &'a [u8],
+        /// A MAC of everything before it, keyed by a hash of the gateway's public key.
+        mac1: [u8; MAC1_LEN],
     },
     /// `HANDSHAKE_ACK`: the Noise message (its payload is a [`HandshakeAckPayload`]).
     HandshakeAck {
@@ -267,9 +273,19 @@ impl<'a> Packet<'a> {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let packet = match kind {
-            1 => Packet::HandshakeInit {
-                noise: r.rest_nonempty()?,
-            },
+            1 => {
+                let rest = r.rest_nonempty()?;
+                let split = rest
+                    .len()
+                    .checked_sub(MAC1_LEN)
+                    .filter(|&n| n > 0)
+                    .ok_or(DecodeError::Truncated)?;
+                let (noise, mac1) = rest.split_at(split);
+                Packet::HandshakeInit {
+                    noise,
+                    mac1: mac1.try_into().map_err(|_| DecodeError::Truncated)?,
+                }
+            }
             2 => Packet::HandshakeAck {
                 noise: r.rest_nonempty()?,
             },
@@ -313,9 +329,11 @@ impl<'a> Packet<'a> {
         out.push(kind as u8);
         out.push(PROTOCOL_VERSION);
         match self {
-            Packet::HandshakeInit { noise } | Packet::HandshakeAck { noise } => {
-                out.extend_from_slice(noise)
+            Packet::HandshakeInit { noise, mac1 } => {
+                out.extend_from_slice(noise);
+                out.extend_from_slice(mac1);
             }
+            Packet::HandshakeAck { noise } => out.extend_from_slice(noise),
             Packet::Reattach(r) => {
                 out.extend_from_slice(&r.session.to_bytes());
                 out.extend_from_slice(&r.nonce.to_be_bytes());

@@ -29,7 +29,7 @@ fn ack() -> HandshakeAckPayload {
 
 fn noise_of(packet: &[u8]) -> &[u8] {
     match Packet::decode(packet).expect("a handshake packet decodes") {
-        Packet::HandshakeInit { noise } | Packet::HandshakeAck { noise } => noise,
+        Packet::HandshakeInit { noise, .. } | Packet::HandshakeAck { noise } => noise,
         other => panic!("not a handshake packet: {other:?}"),
     }
 }
@@ -183,4 +183,33 @@ fn entropy_is_deterministic_per_seed_and_never_repeats_a_draw() {
     let mut big = vec![0u8; 5000];
     a.fill(&mut big);
     assert!(big.iter().filter(|&&x| x == 0).count() < 100);
+}
+
+#[test]
+fn mac1_admits_inits_made_for_this_gateway_and_refuses_any_change_or_another_key() {
+    let gateway_public = public_key(&GATEWAY).expect("valid key");
+    let responder = Responder::new(&GATEWAY, [&public_key(&CLIENT).expect("valid key")]);
+    let mut init = Vec::new();
+    ClientHandshake::initiate(&CLIENT, &gateway_public, 5, [1; 32], &mut init).expect("initiates");
+    assert!(responder.mac1_valid(&init));
+
+    // Any flipped bit anywhere, header, Noise message or the MAC itself, fails the check.
+    for byte in 0..init.len() {
+        for bit in 0..8 {
+            let mut corrupted = init.clone();
+            corrupted[byte] ^= 1 << bit;
+            assert!(
+                !responder.mac1_valid(&corrupted),
+                "byte {byte} bit {bit} passed"
+            );
+        }
+    }
+    // Truncated, empty, and an init made for another gateway's key.
+    assert!(!responder.mac1_valid(&init[..init.len() - 1]));
+    assert!(!responder.mac1_valid(&[]));
+    let other_public = public_key(&[13; 32]).expect("valid key");
+    let mut elsewhere = Vec::new();
+    ClientHandshake::initiate(&CLIENT, &other_public, 5, [1; 32], &mut elsewhere)
+        .expect("initiates");
+    assert!(!responder.mac1_valid(&elsewhere));
 }

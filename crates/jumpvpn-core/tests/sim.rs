@@ -718,6 +718,11 @@ fn garbage_and_bit_flipped_datagrams_neither_panic_nor_disturb_the_session() {
     let stats = sim.gateway.stats();
     assert!(stats.malformed + stats.auth_failed > 1_500, "{stats:?}");
     assert!(stats.handshakes_rejected > 20, "{stats:?}");
+    // Every corrupted or random init was refused by its mac1, before any Diffie-Hellman.
+    assert_eq!(
+        stats.init_mac_failed, stats.handshakes_rejected,
+        "{stats:?}"
+    );
     // The session is unaffected: same record, no write, traffic never stopped.
     assert_eq!(sim.session(), session);
     assert_eq!(sim.record(), &record);

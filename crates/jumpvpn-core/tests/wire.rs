@@ -85,8 +85,14 @@ fn control() -> impl Strategy<Value = Control> {
 fn packet_bytes() -> impl Strategy<Value = Vec<u8>> {
     let blob = prop::collection::vec(any::<u8>(), 16..120);
     prop_oneof![
-        prop::collection::vec(any::<u8>(), 1..120)
-            .prop_map(|noise| encode(&Packet::HandshakeInit { noise: &noise })),
+        (
+            prop::collection::vec(any::<u8>(), 1..120),
+            any::<[u8; 16]>()
+        )
+            .prop_map(|(noise, mac1)| encode(&Packet::HandshakeInit {
+                noise: &noise,
+                mac1
+            })),
         prop::collection::vec(any::<u8>(), 1..120)
             .prop_map(|noise| encode(&Packet::HandshakeAck { noise: &noise })),
         (

@@ -346,6 +346,7 @@ mod tests {
         metrics.sessions_active.dec();
         metrics.sessions_active.dec();
         metrics.handshakes_total.add(7);
+        metrics.handshakes_unconfirmed_total.add(3);
         metrics.packets_rx_total.add(1000);
         metrics.bytes_tx_total.add(123_456);
         metrics.store_errors_total.inc();
@@ -358,6 +359,10 @@ mod tests {
         let get = |series: &str| samples.get(series).copied();
         assert_eq!(get("jumpvpn_sessions_active{node=\"gw1\"}"), Some(2));
         assert_eq!(get("jumpvpn_handshakes_total{node=\"gw1\"}"), Some(7));
+        assert_eq!(
+            get("jumpvpn_handshakes_unconfirmed_total{node=\"gw1\"}"),
+            Some(3)
+        );
         assert_eq!(get("jumpvpn_packets_rx_total{node=\"gw1\"}"), Some(1000));
         assert_eq!(get("jumpvpn_bytes_tx_total{node=\"gw1\"}"), Some(123_456));
         assert_eq!(get("jumpvpn_store_errors_total{node=\"gw1\"}"), Some(1));
@@ -383,7 +388,7 @@ mod tests {
             "{text}"
         );
         // One sample per plain counter, plus the two rejection reasons.
-        assert_eq!(samples.len(), 14 + 2, "{text}");
+        assert_eq!(samples.len(), 15 + 2, "{text}");
     }
 
     #[test]

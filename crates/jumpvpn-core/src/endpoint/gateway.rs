@@ -160,6 +160,9 @@ pub struct GatewayStats {
     pub handshakes_rejected: u64,
     /// Handshakes answered but never confirmed by the client (replayed inits among them).
     pub unconfirmed: u64,
+    /// Inits refused by their `mac1`, before any Diffie-Hellman (corrupted, random, or made
+    /// for another gateway key).
+    pub init_mac_failed: u64,
     /// Reattaches accepted.
     pub reattach_accepted: u64,
     /// Reattaches refused.
@@ -428,7 +431,7 @@ impl Gateway {
             }
         };
         match packet {
-            Packet::HandshakeInit { noise } => self.on_init(now, path, noise),
+            Packet::HandshakeInit { noise, .. } => self.on_init(now, path, bytes, noise),
             Packet::Reattach(request) => self.on_reattach(now, path, request),
             Packet::Control {
                 session,
@@ -623,7 +626,13 @@ impl Gateway {
 
     // ---- handshake ----
 
-    fn on_init(&mut self, now: Timestamp, path: Path, noise: &[u8]) {
+    fn on_init(&mut self, now: Timestamp, path: Path, packet: &[u8], noise: &[u8]) {
+        if !self.responder.mac1_valid(packet) {
+            // Not made for this gateway's public key: refused before any Diffie-Hellman.
+            self.stats.handshakes_rejected += 1;
+            self.stats.init_mac_failed += 1;
+            return;
+        }
         let seed = self.entropy.seed();
         let Ok(init) = self.responder.open(noise, seed) else {
             self.stats.handshakes_rejected += 1;
