@@ -152,13 +152,8 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
             ready = tun.readable() => if ready.is_ok() {
                 let now = clock.now();
                 for _ in 0..RECV_ROUNDS {
-                    match tun_in.try_read(&tun) {
-                        Ok(()) => {}
-                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(error) => {
-                            tracing::warn!("tun read failed: {error}");
-                            break;
-                        }
+                    if !tun_in.read_more(&tun) {
+                        break;
                     }
                     for packet in tun_in.packets() {
                         let start = sealed.buf.len();

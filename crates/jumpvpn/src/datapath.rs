@@ -76,6 +76,19 @@ impl TunReader {
         Ok(())
     }
 
+    /// [`TunReader::try_read`] for a loop that drains the device: false when nothing more is
+    /// pending, or when the read failed (logged), which ends the loop either way.
+    pub(crate) fn read_more(&mut self, tun: &AsyncDevice) -> bool {
+        match self.try_read(tun) {
+            Ok(()) => true,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => false,
+            Err(error) => {
+                tracing::warn!("tun read failed: {error}");
+                false
+            }
+        }
+    }
+
     /// The packets of the last read.
     pub(crate) fn packets(&self) -> impl Iterator<Item = &[u8]> {
         self.bufs
