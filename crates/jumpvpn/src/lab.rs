@@ -150,7 +150,8 @@ address = "{CLIENT_TUNNEL_IP}/24"
     /// Starts (or restarts) the gateway in its namespace.
     pub fn start_gateway(&mut self) -> anyhow::Result<()> {
         let log = append(&self.path("gateway.log"))?;
-        let child = self
+        let started = self.gateway_listening_count();
+        let mut child = self
             .topology
             .gateway()
             .command(&self.exe)
@@ -162,8 +163,25 @@ address = "{CLIENT_TUNNEL_IP}/24"
             .stderr(log)
             .spawn()
             .context("cannot start the gateway")?;
+        // Its sockets are bound when it says it listens: a client started earlier would lose
+        // its first init to a closed port and wait a retry interval.
+        let ready = wait_until(Duration::from_secs(20), "the gateway to listen", || {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "the gateway exited ({status}); see {}",
+                    self.path("gateway.log").display()
+                );
+            }
+            Ok(self.gateway_listening_count() > started)
+        });
         self.gateway = Some(child);
-        Ok(())
+        ready
+    }
+
+    /// How many times the gateway's log says it is listening (once per start).
+    fn gateway_listening_count(&self) -> usize {
+        std::fs::read_to_string(self.path("gateway.log"))
+            .map_or(0, |log| log.matches(" listening on udp ").count())
     }
 
     /// Starts the client in its namespace.

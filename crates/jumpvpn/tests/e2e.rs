@@ -30,6 +30,8 @@ fn up(lab: &mut Lab) -> String {
             event_type(e) == "SESSION_CREATED"
         })
         .expect("a session");
+    // On the first candidate: the gateway listened before the client sent its first init.
+    assert_eq!(created["proto"].as_str(), Some("udp"), "{created}");
     created["session_id"]
         .as_str()
         .expect("a session id")
