@@ -902,6 +902,41 @@ fn assert_client_restarted(sim: &Sim, first: jumpvpn_core::SessionId, reason: Re
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+fn a_handshake_during_a_store_outage_is_written_once_the_store_is_back_without_a_new_one() {
+    let mut config = SimConfig::new(91);
+    config.store_latency_ms = 5;
+    let mut sim = Sim::new(config);
+    sim.store.available = false;
+    sim.connect();
+    assert!(sim.run_until_cond(5_000, |s| s.client.session().is_some()));
+    let session = sim.client.session().expect("answered");
+    sim.run_for(3_000);
+    // Answered but not written: nothing in the store, nothing audited, still provisional.
+    assert!(sim.store.records.is_empty());
+    assert!(sim.gw_events("SESSION_CREATED", "HANDSHAKE_OK").is_empty());
+    assert!(sim.gateway.stats().handshakes_rejected > 0);
+    assert_eq!(sim.gateway.stats().handshakes, 0);
+
+    sim.store.available = true;
+    let back = sim.now;
+    assert!(sim.run_until_cond(3_000, |s| s.store.records.contains_key(&session)));
+    assert!(
+        sim.now.since(back) <= 1_100,
+        "written {} ms after the store came back",
+        sim.now.since(back)
+    );
+    sim.run_for(5_000);
+    assert_eq!(sim.client.session(), Some(session), "the same session");
+    assert_eq!(sim.handshakes_sent(), 1, "no second handshake");
+    assert_eq!(sim.gateway.stats().handshakes, 1);
+    assert_eq!(sim.record().state, SessionState::Attached);
+    let end = before(sim.now, 100);
+    assert_eq!(sim.up.lost(before(end, 3_000), end), 0);
+    assert_eq!(sim.down.lost(before(end, 3_000), end), 0);
+    sim.assert_clean_single_session();
+}
+
+#[test]
 fn reattach_while_the_store_is_unavailable_is_refused_retryably_and_succeeds_later() {
     let mut config = SimConfig::new(9);
     config.store_latency_ms = 5;

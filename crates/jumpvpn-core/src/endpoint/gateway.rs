@@ -738,12 +738,21 @@ impl Gateway {
         let Some(p) = self.provisional.remove(&session) else {
             return;
         };
-        let superseded = self.peers.get_mut(&p.client_key).and_then(|peer| {
-            if peer.provisional == Some(session) {
-                peer.provisional = None;
-            }
-            peer.session
-        });
+        let superseded = self
+            .peers
+            .get_mut(&p.client_key)
+            .and_then(|peer| {
+                if peer.provisional == Some(session) {
+                    peer.provisional = None;
+                }
+                peer.session
+            })
+            .filter(|old| {
+                // Already ended (e.g. by an earlier attempt of this confirmation): nothing to do.
+                self.sessions
+                    .get(old)
+                    .is_some_and(|live| !live.record.is_terminated())
+            });
         if let Some(old) = superseded {
             self.mutate(
                 now,
@@ -801,10 +810,31 @@ impl Gateway {
         packet: Vec<u8>,
         outcome: StoreOutcome,
     ) {
-        if outcome != StoreOutcome::Written {
-            // The session does not exist; the client learns it when it next reattaches.
+        // A create whose commit was unknown may have happened: the ID is ours alone (random,
+        // 128 bits), so finding it taken means it did.
+        let written = matches!(
+            outcome,
+            StoreOutcome::Written | StoreOutcome::Failed(StoreFailure::AlreadyExists)
+        );
+        if !written {
+            // Not written: the handshake stays provisional, and the client's next packet
+            // (a keepalive within a second) tries again, so a store outage costs no new
+            // handshake.
             self.stats.handshakes_rejected += 1;
-            self.notice(path, session, ReasonCode::StoreUnavailable);
+            if let Some(peer) = self.peers.get_mut(&client_key) {
+                if peer.provisional.is_none() {
+                    peer.provisional = Some(session);
+                    let provisional = Provisional {
+                        client_key,
+                        control: master.control_keys(session),
+                        master,
+                        record,
+                        events,
+                        expires: now.plus(CONFIRM_MS),
+                    };
+                    self.provisional.insert(session, provisional);
+                }
+            }
             return;
         }
         self.stats.handshakes += 1;
