@@ -55,6 +55,8 @@ const LOADS_PER_SECOND: u32 = 200;
 const CONTROL_WINDOW: u64 = ReplayWindow::MIN_SIZE;
 /// A handshake not confirmed by the client within this many ms is forgotten.
 const CONFIRM_MS: u64 = 15_000;
+/// After the store failed to write a confirmed handshake, the next try waits this long.
+const CONFIRM_RETRY_MS: u64 = 500;
 /// A replay window that has accepted nothing for this long is compacted: its bitmap is freed
 /// and nothing at or below its highest counter is accepted any more. Far longer than any
 /// reordering, so only packets no one waits for are lost.
@@ -227,6 +229,9 @@ struct Provisional {
     record: SessionRecord,
     events: Vec<AuditEvent>,
     expires: Timestamp,
+    /// After a failed write, confirmations before this time are not tried again (they would
+    /// hammer a store that is down: a client may send many packets a second).
+    retry_at: Timestamp,
 }
 
 /// A session this gateway holds: the committed record and what is derived from it. The master
@@ -725,6 +730,7 @@ impl Gateway {
             record: commit.record,
             events: commit.events,
             expires: now.plus(CONFIRM_MS),
+            retry_at: now,
         };
         self.provisional.insert(session, provisional);
         self.out
@@ -735,6 +741,13 @@ impl Gateway {
     /// handshake was not a replay. Supersede its previous session and write the new one; the
     /// packet is handled again once the write is done.
     fn confirm(&mut self, now: Timestamp, path: Path, packet: &[u8], session: SessionId) {
+        if self
+            .provisional
+            .get(&session)
+            .is_some_and(|p| now < p.retry_at)
+        {
+            return;
+        }
         let Some(p) = self.provisional.remove(&session) else {
             return;
         };
@@ -831,6 +844,7 @@ impl Gateway {
                         record,
                         events,
                         expires: now.plus(CONFIRM_MS),
+                        retry_at: now.plus(CONFIRM_RETRY_MS),
                     };
                     self.provisional.insert(session, provisional);
                 }
