@@ -190,25 +190,19 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
                         break;
                     };
                     for datagram in received.datagrams(&udp_buf) {
-                        if tun_out.is_full() {
-                            tun_out.flush(&tun).await;
-                        }
-                        if let Some(slot) = tun_out.slot() {
-                            if client.handle_packet_into(now, candidate, datagram, slot) {
-                                tun_out.commit();
-                            }
-                        }
+                        tun_out
+                            .fill(&tun, |slot| client.handle_packet_into(now, candidate, datagram, slot))
+                            .await;
                     }
                 }
                 tun_out.flush(&tun).await;
             },
             Some(net) = net_rx.recv() => match net {
                 Net::Packet { candidate, bytes } => {
-                    if let Some(slot) = tun_out.slot() {
-                        if client.handle_packet_into(clock.now(), candidate, &bytes, slot) {
-                            tun_out.commit();
-                        }
-                    }
+                    let now = clock.now();
+                    tun_out
+                        .fill(&tun, |slot| client.handle_packet_into(now, candidate, &bytes, slot))
+                        .await;
                 }
                 Net::Failed { candidate, generation } => {
                     if transports.failed(candidate, generation) {

@@ -118,10 +118,28 @@ impl TunWriter {
         }
     }
 
+    /// Adds one packet that `fill` appends to the buffer it is given (writing the batch first
+    /// if it is full); the packet is kept only if `fill` returns true, e.g. when an endpoint
+    /// opens a `DATA` packet into it.
+    pub(crate) async fn fill(
+        &mut self,
+        tun: &AsyncDevice,
+        fill: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) {
+        if self.is_full() {
+            self.flush(tun).await;
+        }
+        if let Some(slot) = self.slot() {
+            if fill(slot) {
+                self.commit();
+            }
+        }
+    }
+
     /// The buffer for the next packet, holding only the header room: append the packet, then
     /// [`TunWriter::commit`] it (or leave it, and the next call starts over). `None` when the
     /// batch is full: [`TunWriter::flush`] first.
-    pub(crate) fn slot(&mut self) -> Option<&mut Vec<u8>> {
+    fn slot(&mut self) -> Option<&mut Vec<u8>> {
         let buf = self.bufs.get_mut(self.len)?;
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
@@ -129,7 +147,7 @@ impl TunWriter {
     }
 
     /// Keeps the packet appended to the last [`TunWriter::slot`].
-    pub(crate) fn commit(&mut self) {
+    fn commit(&mut self) {
         let filled = self
             .bufs
             .get(self.len)
@@ -140,19 +158,17 @@ impl TunWriter {
     }
 
     /// Whether no slot is left.
-    pub(crate) fn is_full(&self) -> bool {
+    fn is_full(&self) -> bool {
         self.len >= self.bufs.len()
     }
 
     /// Adds a copy of `packet`.
     pub(crate) async fn push(&mut self, tun: &AsyncDevice, packet: &[u8]) {
-        if self.is_full() {
-            self.flush(tun).await;
-        }
-        if let Some(buf) = self.slot() {
+        self.fill(tun, |buf| {
             buf.extend_from_slice(packet);
-            self.commit();
-        }
+            true
+        })
+        .await;
     }
 
     /// Writes the gathered packets, coalescing the segments of each TCP flow.

@@ -201,14 +201,9 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
                     };
                     let path = Path { proto: Proto::Udp, remote: received.from, local: udp_local };
                     for datagram in received.datagrams(&udp_buf) {
-                        if tun_out.is_full() {
-                            tun_out.flush(&tun).await;
-                        }
-                        if let Some(slot) = tun_out.slot() {
-                            if gateway.handle_packet_into(now, path, datagram, slot) {
-                                tun_out.commit();
-                            }
-                        }
+                        tun_out
+                            .fill(&tun, |slot| gateway.handle_packet_into(now, path, datagram, slot))
+                            .await;
                     }
                 }
                 tun_out.flush(&tun).await;
@@ -246,11 +241,10 @@ async fn serve<S: SessionStore>(config: GatewayConfig, store: Arc<S>) -> anyhow:
             Some(input) = input_rx.recv() => match input {
                 Input::TcpOpened { path, writer } => { tcp_writers.insert(path, writer); }
                 Input::TcpFrame { path, bytes } => {
-                    if let Some(slot) = tun_out.slot() {
-                        if gateway.handle_packet_into(clock.now(), path, &bytes, slot) {
-                            tun_out.commit();
-                        }
-                    }
+                    let now = clock.now();
+                    tun_out
+                        .fill(&tun, |slot| gateway.handle_packet_into(now, path, &bytes, slot))
+                        .await;
                 }
                 Input::TcpClosed { path } => {
                     tcp_writers.remove(&path);

@@ -609,20 +609,15 @@ impl Client {
                     .candidates
                     .get(candidate)
                     .map_or(Proto::Udp, |c| c.proto);
-                self.out.push_back(ClientOutput::Audit(AuditEvent {
-                    ts_ms: now.as_millis(),
-                    node_id: self.node.clone(),
-                    session_id: Some(session),
-                    state_version,
-                    owner_epoch,
-                    reason_code: ReasonCode::TransportSwitchOk,
-                    kind: EventKind::TransportSwitch {
-                        old_transport_id: old,
-                        new_transport_id: transport_id,
-                        proto,
-                        switch_latency_ms: latency_ms,
-                    },
-                }));
+                let kind = EventKind::TransportSwitch {
+                    old_transport_id: old,
+                    new_transport_id: transport_id,
+                    proto,
+                    switch_latency_ms: latency_ms,
+                };
+                let at = (session, state_version, owner_epoch);
+                let event = audit(&self.node, now, at, ReasonCode::TransportSwitchOk, kind);
+                self.out.push_back(event);
                 self.out
                     .push_back(ClientOutput::Event(ClientEvent::Switched {
                         session,
@@ -643,15 +638,9 @@ impl Client {
                 if e.reattach.is_none() {
                     return;
                 }
-                self.out.push_back(ClientOutput::Audit(AuditEvent {
-                    ts_ms: now.as_millis(),
-                    node_id: self.node.clone(),
-                    session_id: Some(session),
-                    state_version,
-                    owner_epoch,
-                    reason_code: reason,
-                    kind: EventKind::ReattachRejected { retryable },
-                }));
+                let kind = EventKind::ReattachRejected { retryable };
+                let at = (session, state_version, owner_epoch);
+                self.out.push_back(audit(&self.node, now, at, reason, kind));
                 self.out
                     .push_back(ClientOutput::Event(ClientEvent::Rejected {
                         reason,
@@ -858,4 +847,23 @@ fn data_window() -> ReplayWindow {
         Ok(w) => w,
         Err(_) => unreachable!("8192 is a valid window size"),
     }
+}
+
+/// An audit event of the client `node` about `session` at (version, epoch).
+fn audit(
+    node: &NodeId,
+    now: Timestamp,
+    (session, state_version, owner_epoch): (SessionId, StateVersion, OwnerEpoch),
+    reason_code: ReasonCode,
+    kind: EventKind,
+) -> ClientOutput {
+    ClientOutput::Audit(AuditEvent {
+        ts_ms: now.as_millis(),
+        node_id: node.clone(),
+        session_id: Some(session),
+        state_version,
+        owner_epoch,
+        reason_code,
+        kind,
+    })
 }

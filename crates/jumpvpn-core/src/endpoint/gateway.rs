@@ -268,12 +268,10 @@ struct DataPlane {
 }
 
 enum Pending {
+    /// A confirmed handshake being written; back to provisional if the write fails.
     Create {
         session: SessionId,
-        client_key: [u8; 32],
-        master: MasterSecret,
-        record: SessionRecord,
-        events: Vec<AuditEvent>,
+        handshake: Provisional,
         /// The confirming packet, handled again once the session exists.
         path: Path,
         packet: Vec<u8>,
@@ -552,15 +550,10 @@ impl Gateway {
         match pending {
             Pending::Create {
                 session,
-                client_key,
-                master,
-                record,
-                events,
+                handshake,
                 path,
                 packet,
-            } => self.created(
-                now, session, client_key, master, record, events, path, packet, outcome,
-            ),
+            } => self.created(now, session, handshake, path, &packet, outcome),
             Pending::Mutate {
                 session,
                 record,
@@ -748,18 +741,13 @@ impl Gateway {
         {
             return;
         }
-        let Some(p) = self.provisional.remove(&session) else {
+        let Some(p) = self.take_provisional(session) else {
             return;
         };
         let superseded = self
             .peers
-            .get_mut(&p.client_key)
-            .and_then(|peer| {
-                if peer.provisional == Some(session) {
-                    peer.provisional = None;
-                }
-                peer.session
-            })
+            .get(&p.client_key)
+            .and_then(|peer| peer.session)
             .filter(|old| {
                 // Already ended (e.g. by an earlier attempt of this confirmation): nothing to do.
                 self.sessions
@@ -781,10 +769,7 @@ impl Gateway {
             id,
             Pending::Create {
                 session,
-                client_key: p.client_key,
-                master: p.master,
-                record: p.record,
-                events: p.events,
+                handshake: p,
                 path,
                 packet: packet.to_vec(),
             },
@@ -799,28 +784,30 @@ impl Gateway {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            if let Some(p) = self.provisional.remove(&id) {
+            if self.take_provisional(id).is_some() {
                 self.stats.unconfirmed += 1;
-                if let Some(peer) = self.peers.get_mut(&p.client_key) {
-                    if peer.provisional == Some(id) {
-                        peer.provisional = None;
-                    }
-                }
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Removes the provisional handshake `session`, and its peer's reference to it.
+    fn take_provisional(&mut self, session: SessionId) -> Option<Provisional> {
+        let p = self.provisional.remove(&session)?;
+        if let Some(peer) = self.peers.get_mut(&p.client_key) {
+            if peer.provisional == Some(session) {
+                peer.provisional = None;
+            }
+        }
+        Some(p)
+    }
+
     fn created(
         &mut self,
         now: Timestamp,
         session: SessionId,
-        client_key: [u8; 32],
-        master: MasterSecret,
-        record: SessionRecord,
-        events: Vec<AuditEvent>,
+        mut handshake: Provisional,
         path: Path,
-        packet: Vec<u8>,
+        packet: &[u8],
         outcome: StoreOutcome,
     ) {
         // A create whose commit was unknown may have happened: the ID is ours alone (random,
@@ -834,23 +821,23 @@ impl Gateway {
             // (a keepalive within a second) tries again, so a store outage costs no new
             // handshake.
             self.stats.handshakes_rejected += 1;
-            if let Some(peer) = self.peers.get_mut(&client_key) {
+            if let Some(peer) = self.peers.get_mut(&handshake.client_key) {
                 if peer.provisional.is_none() {
                     peer.provisional = Some(session);
-                    let provisional = Provisional {
-                        client_key,
-                        control: master.control_keys(session),
-                        master,
-                        record,
-                        events,
-                        expires: now.plus(CONFIRM_MS),
-                        retry_at: now.plus(CONFIRM_RETRY_MS),
-                    };
-                    self.provisional.insert(session, provisional);
+                    handshake.expires = now.plus(CONFIRM_MS);
+                    handshake.retry_at = now.plus(CONFIRM_RETRY_MS);
+                    self.provisional.insert(session, handshake);
                 }
             }
             return;
         }
+        let Provisional {
+            client_key,
+            master,
+            record,
+            events,
+            ..
+        } = handshake;
         self.stats.handshakes += 1;
         for event in events {
             self.out.push_back(GatewayOutput::Audit(event));
@@ -861,7 +848,7 @@ impl Gateway {
         self.by_ip.insert(record.tunnel_ip, session);
         let live = Live::new(record, master, now);
         self.sessions.insert(session, live);
-        self.handle_packet(now, path, &packet);
+        self.handle_packet(now, path, packet);
     }
 
     // ---- reattach ----
